@@ -1,0 +1,89 @@
+"""Backend registry for the local attention op.
+
+Each backend is a module-level object with a ``name``, a ``can_run(q, ...) -> str | None`` predicate that returns
+``None`` when it can run or a human-readable reason when it cannot, and an ``apply(...)`` that computes the op with
+autograd support. ``sasa.functional`` picks one and dispatches; nothing else should import backends directly.
+
+Status: ``reference`` (oracle) and ``shifted`` (lean CPU/GPU path) always present; ``triton`` registered when the
+Triton module imports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to compute ``local_attention_2d``.
+
+    Attributes:
+        name: the string users pass as ``backend=``.
+        apply: ``(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale) -> out``, differentiable.
+        can_run: returns ``None`` if the backend handles these tensors, else the reason it does not.
+        priority: higher wins when ``backend=None`` (per device type, see ``default_order``).
+    """
+
+    name: str
+    apply: Callable
+    can_run: Callable[..., str | None]
+    priority: dict
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get(name: str) -> Backend:
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"backend={name!r} is unknown; valid backends: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def all_backends() -> dict[str, Backend]:
+    _load_all()
+    return dict(_REGISTRY)
+
+
+_LOADED = False
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from . import reference, shifted  # noqa: F401  (registration side effect)
+
+    try:
+        from . import triton_backend  # noqa: F401
+    except ImportError:  # Triton not installed: the backend simply is not offered
+        pass
+
+
+def env_default() -> str | None:
+    """The ``SASA_BACKEND`` environment override, read in one place."""
+    value = os.environ.get("SASA_BACKEND", "").strip()
+    return value or None
+
+
+def default_for(q: torch.Tensor, **kwargs) -> Backend:
+    """The highest-priority backend that can run on ``q``'s device and dtype."""
+    _load_all()
+    device_type = q.device.type
+    candidates = sorted(_REGISTRY.values(), key=lambda b: -b.priority.get(device_type, -1))
+    for backend in candidates:
+        if backend.priority.get(device_type, -1) < 0:
+            continue
+        if backend.can_run(q, **kwargs) is None:
+            return backend
+    return _REGISTRY["reference"]

@@ -1,0 +1,138 @@
+"""The functional op ``local_attention_2d``: argument checks, layout, backend choice, dispatch.
+
+Layout (stated once, used everywhere): ``q``, ``k``, ``v`` and the output are channels-last
+``(batch, height, width, heads, head_dim)`` tensors; strided views (e.g. slices of one fused QKV projection) are
+accepted. ``rel_rows`` / ``rel_cols`` are ``(kernel_size, head_dim // 2)`` tables shared by all heads, or
+``(heads, kernel_size, head_dim // 2)`` per-head tables; either may be ``None`` (no row / column term).
+
+For every pixel (i, j) and head, with r = kernel_size // 2 and offsets (a, b) in [-r, r]^2::
+
+    logit[a, b] = scale * (q_ij . k_{i+a, j+b} + q_ij[:d/2] . rel_rows[a + r] + q_ij[d/2:] . rel_cols[b + r])
+    out_ij      = sum_{a,b} softmax(logit)[a, b] * v_{i+a, j+b}
+
+Borders (SPEC section 1, a decision the paper leaves open): ``padding="zeros"`` treats positions outside the
+image as k = v = 0 that still take part in the softmax with logit ``scale * q . r``; ``padding="mask"`` drops them
+from the softmax. Windows larger than the map are legal in both modes. ``k=None`` gives q.r-only logits (the
+paper's ablation without W_K).
+
+Status: complete. Backends: ``reference`` (oracle), ``shifted`` (lean, any device), ``triton`` (fused, CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends as _backends
+
+PADDING_MODES = ("zeros", "mask")
+
+
+def available_backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+    """Names of the backends that can run on ``device`` with ``dtype``, fastest first.
+
+    Args:
+        device: a device or device string, e.g. ``"cpu"`` or ``"cuda"``.
+        dtype: the tensor dtype to check for.
+    """
+    device = torch.device(device)
+    probe = torch.empty(1, 1, 1, 1, 2, device="meta", dtype=dtype)
+    names = []
+    for backend in sorted(_backends.all_backends().values(), key=lambda b: -b.priority.get(device.type, -1)):
+        if backend.priority.get(device.type, -1) >= 0 and backend.can_run(probe, device=device) is None:
+            names.append(backend.name)
+    return names
+
+
+def _check_table(name: str, table: torch.Tensor | None, heads: int, kernel_size: int, half: int, q: torch.Tensor):
+    if table is None:
+        return
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(table).__name__}")
+    ok = (table.dim() == 2 and tuple(table.shape) == (kernel_size, half)) or (
+        table.dim() == 3 and tuple(table.shape) == (heads, kernel_size, half)
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must have shape (kernel_size, head_dim // 2) = {(kernel_size, half)} or "
+            f"(heads, kernel_size, head_dim // 2) = {(heads, kernel_size, half)}, got {tuple(table.shape)}"
+        )
+    if table.device != q.device:
+        raise ValueError(f"{name} is on {table.device} but q is on {q.device}")
+
+
+def check_kernel_size(kernel_size) -> int:
+    """Validate an odd positive kernel size and return it as an int."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f"kernel_size must be an int, got {type(kernel_size).__name__} ({kernel_size!r})")
+    if kernel_size <= 0 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and positive (3, 5, 7, ...), got {kernel_size}")
+    return kernel_size
+
+
+def local_attention_2d(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    rel_rows: torch.Tensor | None = None,
+    rel_cols: torch.Tensor | None = None,
+    *,
+    kernel_size: int,
+    padding: str = "zeros",
+    scale: float = 1.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Local k x k self-attention over a 2D map (SASA, SPEC section 1).
+
+    Args:
+        q: queries, ``(B, H, W, heads, head_dim)``.
+        k: keys, same shape as ``q``, or ``None`` for q.r-only logits.
+        v: values, same shape as ``q``.
+        rel_rows: row-offset embeddings, ``(kernel_size, head_dim // 2)`` or ``(heads, kernel_size, head_dim // 2)``.
+        rel_cols: column-offset embeddings, same shapes as ``rel_rows``.
+        kernel_size: odd window size.
+        padding: ``"zeros"`` (default) or ``"mask"``, see the module docstring.
+        scale: multiplies the logits; 1.0 (the paper's equations have no 1/sqrt(d)).
+        backend: a name from ``available_backends(device)``; ``None`` picks the fastest that can run
+            (``SASA_BACKEND`` in the environment overrides the automatic choice).
+
+    Returns:
+        ``(B, H, W, heads, head_dim)`` tensor, the attention output.
+    """
+    for name, t in (("q", q), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 5:
+            raise ValueError(f"{name} must have shape (B, H, W, heads, head_dim) (rank 5), got rank {t.dim()}")
+    if k is not None:
+        if not isinstance(k, torch.Tensor):
+            raise TypeError(f"k must be a torch.Tensor or None, got {type(k).__name__}")
+        if k.shape != q.shape:
+            raise ValueError(f"k must have the same shape as q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != q.shape:
+        raise ValueError(f"v must have the same shape as q {tuple(q.shape)}, got {tuple(v.shape)}")
+    tensors = [t for t in (q, k, v) if t is not None]
+    if len({t.device for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
+        raise ValueError("q, k and v must share one device and dtype, got " + ", ".join(
+            f"{t.device}/{t.dtype}" for t in tensors))
+    if not q.is_floating_point():
+        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
+    kernel_size = check_kernel_size(kernel_size)
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+    heads, head_dim = q.shape[3], q.shape[4]
+    if (rel_rows is not None or rel_cols is not None) and head_dim % 2:
+        raise ValueError(f"relative tables split head_dim in two halves, so head_dim must be even, got {head_dim}")
+    _check_table("rel_rows", rel_rows, heads, kernel_size, head_dim // 2, q)
+    _check_table("rel_cols", rel_cols, heads, kernel_size, head_dim // 2, q)
+    scale = float(scale)
+
+    opts = dict(k=k, rel_rows=rel_rows, rel_cols=rel_cols, kernel_size=kernel_size, padding=padding)
+    name = backend if backend is not None else _backends.env_default()
+    if name is None:
+        chosen = _backends.default_for(q, **opts)
+    else:
+        chosen = _backends.get(name)
+        reason = chosen.can_run(q, **opts)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot run here: {reason}")
+    return chosen.apply(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale)
