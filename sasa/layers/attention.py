@@ -1,0 +1,164 @@
+"""``SelfAttention2d``: the SASA layer, a drop-in replacement for a k x k ``nn.Conv2d`` (NCHW in, NCHW out).
+
+Paper: Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019 (arXiv 1906.05909).
+Decisions the paper leaves open, taken as SPEC section 1 states them:
+- Q, K and V are dense bias-free 1x1 projections ``in_channels -> out_channels``, split into heads after
+  projecting; there is no output projection (the only reading that reproduces the paper's parameter counts).
+- Relative embeddings: one (rel_rows, rel_cols) pair of ``(kernel_size, head_dim // 2)`` tables shared by all
+  heads by default (``rel_per_head=True`` for one pair per head), initialised N(0, 1/head_dim).
+- ``scale=1.0`` (no 1/sqrt(d)); ``padding="zeros"`` (out-of-image keys/values are zero but stay in the softmax).
+- Stride s > 1: attention at stride 1, then an s x s average pool with stride s (the FLOP counts confirm this).
+
+The three projections run as one fused 1x1 convolution; q, k, v are strided channels-last views of its output, so
+no copy is made between the projection and the op.
+
+Status: complete.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..functional import PADDING_MODES, check_kernel_size, local_attention_2d
+from .positional import sinusoidal_2d
+
+POSITIONAL = ("relative", "absolute", "none")
+
+
+class SelfAttention2d(nn.Module):
+    """Local k x k multi-head self-attention over a feature map.
+
+    Args:
+        in_channels: channels of the input.
+        out_channels: channels of the output; must be divisible by ``heads``.
+        kernel_size: odd window size (the paper uses 7).
+        stride: 1, or s > 1 for an s x s average pool after the attention.
+        heads: attention heads; ``head_dim = out_channels // heads``.
+        padding: ``"zeros"`` or ``"mask"`` (see ``sasa.local_attention_2d``).
+        scale: logit scale, 1.0 by default.
+        positional: ``"relative"`` (default), ``"absolute"`` (2D sinusoidal encoding added to the projections'
+            input) or ``"none"``.
+        query_key: ``True`` for q.k + q.r logits; ``False`` for q.r-only logits with no key projection.
+        rel_per_head: one pair of relative tables per head instead of one shared pair.
+        backend: backend name for the op, ``None`` for the automatic choice.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 7,
+        stride: int = 1,
+        heads: int = 8,
+        *,
+        padding: str = "zeros",
+        scale: float = 1.0,
+        positional: str = "relative",
+        query_key: bool = True,
+        rel_per_head: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("heads", heads),
+                            ("stride", stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if out_channels % heads:
+            raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
+        check_kernel_size(kernel_size)
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        if positional not in POSITIONAL:
+            raise ValueError(f"positional must be one of {POSITIONAL}, got {positional!r}")
+        head_dim = out_channels // heads
+        if positional == "relative" and head_dim % 2:
+            raise ValueError(
+                f"relative embeddings split head_dim in two halves, so out_channels / heads must be even, "
+                f"got head_dim={head_dim} (out_channels={out_channels}, heads={heads})"
+            )
+        if not query_key and positional != "relative":
+            raise ValueError("query_key=False (q.r-only logits) needs positional='relative'")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.heads, self.head_dim = kernel_size, stride, heads, head_dim
+        self.padding, self.scale, self.positional = padding, float(scale), positional
+        self.query_key, self.rel_per_head, self.backend = query_key, rel_per_head, backend
+        self.num_proj = 3 if query_key else 2
+        # one GEMM for q, (k,) v: (B, C_in, H, W) -> (B, num_proj * C_out, H, W)
+        self.qkv = nn.Conv2d(in_channels, self.num_proj * out_channels, kernel_size=1, bias=False)
+        if positional == "relative":
+            shape = (heads, kernel_size, head_dim // 2) if rel_per_head else (kernel_size, head_dim // 2)
+            self.rel_rows = nn.Parameter(torch.empty(shape))
+            self.rel_cols = nn.Parameter(torch.empty(shape))
+        else:
+            self.register_parameter("rel_rows", None)
+            self.register_parameter("rel_cols", None)
+        self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Projections: Kaiming-uniform like ``nn.Conv2d``; relative tables N(0, 1/head_dim)."""
+        self.qkv.reset_parameters()
+        if self.rel_rows is not None:
+            std = 1.0 / math.sqrt(self.head_dim)
+            nn.init.normal_(self.rel_rows, std=std)
+            nn.init.normal_(self.rel_cols, std=std)
+
+    @property
+    def value_weight(self) -> torch.Tensor:
+        """The rows of the fused projection weight that produce the values, ``(C_out, C_in, 1, 1)``."""
+        return self.qkv.weight[(self.num_proj - 1) * self.out_channels :]
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Input ``(B, C_in, H, W)`` -> channels-last views q, k (or None), v of ``(B, H, W, heads, head_dim)``."""
+        if x.dim() != 4:
+            raise ValueError(f"SelfAttention2d expects a (B, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"SelfAttention2d expects {self.in_channels} input channels, got {x.shape[1]}")
+        if self.positional == "absolute":
+            x = x + sinusoidal_2d(self.in_channels, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+        B, _, H, W = x.shape
+        qkv = self.qkv(x).permute(0, 2, 3, 1)  # (B, H, W, P*C_out); a free view for channels_last memory
+        qkv = qkv.unflatten(3, (self.num_proj, self.heads, self.head_dim))  # (B, H, W, P, heads, d)
+        q, v = qkv[:, :, :, 0], qkv[:, :, :, -1]
+        k = qkv[:, :, :, 1] if self.query_key else None
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)
+        out = local_attention_2d(q, k, v, self.rel_rows, self.rel_cols, kernel_size=self.kernel_size,
+                                 padding=self.padding, scale=self.scale, backend=self.backend)
+        out = out.flatten(3).permute(0, 3, 1, 2)  # (B, H, W, heads*d) -> (B, C_out, H, W), channels_last memory
+        return self.pool(out)
+
+    @torch.no_grad()
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax weights for input ``x``: ``(B, H, W, heads, k, k)`` at the pre-pool resolution.
+
+        Entry ``[..., a, b]`` is the weight of the neighbour at offset ``(a - k//2, b - k//2)``.
+        Computed with the reference backend, whatever ``backend`` the layer uses for its forward.
+        """
+        from ..backends.reference import attention_probs
+
+        q, k, _ = self.project(x)
+        return attention_probs(q, k, self.rel_rows, self.rel_cols, self.kernel_size, self.padding, self.scale)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}", f"heads={self.heads}"]
+        if self.stride != 1:
+            parts.append(f"stride={self.stride}")
+        if self.padding != "zeros":
+            parts.append(f"padding={self.padding!r}")
+        if self.scale != 1.0:
+            parts.append(f"scale={self.scale}")
+        if self.positional != "relative":
+            parts.append(f"positional={self.positional!r}")
+        if not self.query_key:
+            parts.append("query_key=False")
+        if self.rel_per_head:
+            parts.append("rel_per_head=True")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)

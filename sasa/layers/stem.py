@@ -1,0 +1,121 @@
+"""``AttentionStem``: the paper's attention replacement for ResNet's 7x7/2 convolution stem (SPEC section 2).
+
+Self-attention runs inside each non-overlapping ``block_size x block_size`` block of the input (16 pixels attend
+to each other for the default 4), with ``heads`` heads and content-only logits q.k: spatial information enters
+through the *values*. Variants (``values=``):
+
+- ``"spatial"`` (default, the paper's spatially-aware values): ``v_ab = (sum_m p(a,b,m) W_V^m) x_ab`` with
+  ``p(a,b,.) = softmax_m((emb_row[a] + emb_col[b]) . nu_m)``; ``mixtures`` = m = 4 value matrices. The paper does
+  not state m or the embedding width; 4 and ``embed_dim=16`` are our choices (SPEC section 2).
+- ``"plain"``: ``v = W_V x`` (permutation-invariant inside a block: the ablation's weak baseline).
+- ``"conv"``: values from a ``conv_kernel x conv_kernel`` convolution (our reading of the paper's conv-values stem).
+
+This module is only the attention; the model adds BatchNorm, ReLU and the 4x4/4 max pool after it, keeping
+torchvision's ``conv1 / bn1 / relu / maxpool`` attribute contract. Input height and width must be multiples of
+``block_size``.
+
+Status: complete.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STEM_VALUES = ("spatial", "plain", "conv")
+
+
+class AttentionStem(nn.Module):
+    """Block-local multi-head self-attention at full input resolution.
+
+    Args:
+        in_channels: image channels (3 for RGB).
+        out_channels: output channels (64 in the paper); divisible by ``heads``.
+        block_size: side of the non-overlapping attention blocks (4).
+        heads: attention heads (4).
+        values: ``"spatial"``, ``"plain"`` or ``"conv"``.
+        mixtures: number m of value matrices for spatially-aware values.
+        embed_dim: width of the row / column / mixture embeddings for spatially-aware values.
+        conv_kernel: kernel size of the value convolution for ``values="conv"``.
+        scale: logit scale (1.0, as in the layers).
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 64, *, block_size: int = 4, heads: int = 4,
+                 values: str = "spatial", mixtures: int = 4, embed_dim: int = 16, conv_kernel: int = 3,
+                 scale: float = 1.0) -> None:
+        super().__init__()
+        if out_channels % heads:
+            raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
+        if values not in STEM_VALUES:
+            raise ValueError(f"values must be one of {STEM_VALUES}, got {values!r}")
+        if block_size < 1 or mixtures < 1:
+            raise ValueError(f"block_size and mixtures must be >= 1, got {block_size} and {mixtures}")
+        self.in_channels, self.out_channels, self.block_size, self.heads = in_channels, out_channels, block_size, heads
+        self.values, self.mixtures, self.scale = values, mixtures, float(scale)
+        self.query = nn.Linear(in_channels, out_channels, bias=False)
+        self.key = nn.Linear(in_channels, out_channels, bias=False)
+        if values == "spatial":
+            self.value_weight = nn.Parameter(torch.empty(mixtures, out_channels, in_channels))  # W_V^m
+            self.emb_row = nn.Parameter(torch.empty(block_size, embed_dim))
+            self.emb_col = nn.Parameter(torch.empty(block_size, embed_dim))
+            self.emb_mix = nn.Parameter(torch.empty(mixtures, embed_dim))  # nu_m
+        elif values == "plain":
+            self.value = nn.Linear(in_channels, out_channels, bias=False)
+        else:
+            self.value = nn.Conv2d(in_channels, out_channels, conv_kernel, padding=conv_kernel // 2, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.query.reset_parameters()
+        self.key.reset_parameters()
+        if self.values == "spatial":
+            bound = 1.0 / math.sqrt(self.in_channels)
+            nn.init.uniform_(self.value_weight, -bound, bound)
+            for emb in (self.emb_row, self.emb_col, self.emb_mix):
+                nn.init.normal_(emb, std=1.0 / math.sqrt(emb.shape[1]))
+        else:
+            self.value.reset_parameters()
+
+    def mixture_weights(self) -> torch.Tensor:
+        """p(a, b, m) as a ``(block_size * block_size, mixtures)`` tensor (row-major positions)."""
+        pos = (self.emb_row[:, None, :] + self.emb_col[None, :, :]).flatten(0, 1)  # (s*s, e)
+        return torch.softmax(pos @ self.emb_mix.t(), dim=-1)  # (s*s, m)
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H/s, W/s, s*s, C)."""
+        B, C, H, W = x.shape
+        s = self.block_size
+        x = x.view(B, C, H // s, s, W // s, s)  # (B, C, Hb, s, Wb, s)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(B, H // s, W // s, s * s, C)  # (B, Hb, Wb, s*s, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"AttentionStem expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        s = self.block_size
+        if H % s or W % s:
+            raise ValueError(f"AttentionStem needs height and width divisible by block_size={s}, got {H}x{W}")
+        xb = self._blocks(x)  # (B, Hb, Wb, s*s, C_in)
+        if self.values == "spatial":
+            w = torch.einsum("pm,moc->poc", self.mixture_weights(), self.value_weight)  # (s*s, C_out, C_in)
+            v = torch.einsum("bhwpc,poc->bhwpo", xb, w)  # (B, Hb, Wb, s*s, C_out)
+        elif self.values == "plain":
+            v = self.value(xb)
+        else:
+            v = self._blocks(self.value(x))
+        d = self.out_channels // self.heads
+
+        def split(t):  # (B, Hb, Wb, s*s, C_out) -> (B, Hb, Wb, heads, s*s, d)
+            return t.unflatten(-1, (self.heads, d)).transpose(-2, -3)
+
+        out = F.scaled_dot_product_attention(split(self.query(xb)), split(self.key(xb)), split(v), scale=self.scale)
+        out = out.transpose(-2, -3).flatten(-2)  # (B, Hb, Wb, s*s, C_out)
+        out = out.view(B, H // s, W // s, s, s, self.out_channels)  # (B, Hb, Wb, s, s, C_out)
+        return out.permute(0, 5, 1, 3, 2, 4).reshape(B, self.out_channels, H, W)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, block_size={self.block_size}, heads={self.heads}, "
+                f"values={self.values!r}" + (f", mixtures={self.mixtures}" if self.values == "spatial" else ""))

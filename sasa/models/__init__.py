@@ -1,0 +1,6 @@
+"""Models: the ResNet family with SASA attention and the registry. Status: complete."""
+
+from .registry import MODEL_INFO, create_model, list_models, register_model
+from .resnet import Bottleneck, ResNet
+
+__all__ = ["Bottleneck", "MODEL_INFO", "ResNet", "create_model", "list_models", "register_model"]

@@ -1,0 +1,173 @@
+"""ResNet v1.5 bottleneck networks with SASA attention: baseline, conv-stem + attention, full attention.
+
+One definition serves the paper's three variants and its ablations (SPEC section 3): ``attention_stages`` picks
+the stages whose 3x3 convolutions become ``SelfAttention2d`` layers (k=7, 8 heads by default; strided ones are
+attention + 2x2 average pool), ``stem`` picks the 7x7/2 conv + 3x3/2 max pool (``"conv"``), the attention stem +
+4x4/4 max pool (``"attention"``), or a 3x3/1 conv without pooling for small images such as 28x28 Fashion-MNIST or
+32x32 CIFAR (``"small"``, ours, not in the paper). BN and ReLU stay where ResNet has them; the shortcut projection
+stays a strided 1x1 conv.
+
+torchvision's attribute contract is kept (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1..4``, ``avgpool``,
+``fc``, a ``norm_layer`` argument), so ``torchvision.models.detection.backbone_utils.BackboneWithFPN`` and
+``RetinaNet`` take these models as they are.
+
+Stage widths are ``64 * width_multiplier * 2**i``, rounded to a multiple of ``2 * heads`` when the model has
+attention (so head_dim stays even for the relative tables) and of 8 otherwise; at ``width_multiplier=1`` this is
+exactly the paper's 64/128/256/512.
+
+Status: complete.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..layers.attention import SelfAttention2d
+from ..layers.stem import AttentionStem
+
+STEMS = ("conv", "attention", "small")
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor``, never below ``divisor`` nor 10% below value."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 conv or SASA layer (carrying the stride) -> 1x1, expansion 4, as torchvision's v1.5 block."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
+                 attention: dict | None = None, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        if attention is None:
+            self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        else:
+            self.conv2 = SelfAttention2d(planes, planes, stride=stride, **attention)
+        self.bn2 = norm_layer(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet with optional SASA attention (see the module docstring).
+
+    Args:
+        layers: bottleneck blocks per stage, e.g. ``(3, 4, 6, 3)`` for depth 50.
+        num_classes: classifier outputs.
+        in_chans: input image channels.
+        attention_stages: 1-based stages whose 3x3 convolutions become attention; ``()`` for the conv baseline.
+        kernel_size, heads, padding, positional, query_key, rel_per_head, scale, backend: ``SelfAttention2d``
+            options for every attention layer.
+        stem: ``"conv"``, ``"attention"`` or ``"small"``.
+        stem_values: values of the attention stem, ``"spatial"``, ``"plain"`` or ``"conv"``.
+        stem_mixtures: m, the number of value matrices of the spatially-aware stem.
+        width_multiplier: scales every width.
+        zero_init_residual: zero-init each block's last BN gamma (torchvision's option).
+        norm_layer: normalisation constructor, ``nn.BatchNorm2d`` by default.
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(self, layers: Sequence[int], num_classes: int = 1000, *, in_chans: int = 3,
+                 attention_stages: Sequence[int] = (), kernel_size: int = 7, heads: int = 8, padding: str = "zeros",
+                 positional: str = "relative", query_key: bool = True, rel_per_head: bool = False,
+                 scale: float = 1.0, backend: str | None = None, stem: str = "conv", stem_values: str = "spatial",
+                 stem_mixtures: int = 4, width_multiplier: float = 1.0, zero_init_residual: bool = False,
+                 norm_layer: Callable[[int], nn.Module] | None = None, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        if len(layers) != 4 or any((not isinstance(n, int)) or n < 1 for n in layers):
+            raise ValueError(f"layers must be four positive ints (blocks per stage), got {layers!r}")
+        attention_stages = tuple(attention_stages)
+        bad = [s for s in attention_stages if s not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"attention_stages must be drawn from (1, 2, 3, 4), got {attention_stages!r}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if width_multiplier <= 0:
+            raise ValueError(f"width_multiplier must be positive, got {width_multiplier}")
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self._norm_layer = norm_layer
+        self.num_classes = num_classes
+        self.attention_stages = attention_stages
+        divisor = 2 * heads if (attention_stages or stem == "attention") else 8
+        widths = [make_divisible(64 * width_multiplier * 2**i, divisor) for i in range(4)]
+        stem_width = make_divisible(64 * width_multiplier, divisor)
+        self.inplanes = stem_width
+        if stem == "conv":
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        elif stem == "attention":
+            self.conv1 = AttentionStem(in_chans, stem_width, values=stem_values, mixtures=stem_mixtures)
+            self.maxpool = nn.MaxPool2d(4, stride=4)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = norm_layer(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        attn = dict(kernel_size=kernel_size, heads=heads, padding=padding, positional=positional,
+                    query_key=query_key, rel_per_head=rel_per_head, scale=scale, backend=backend)
+        for i, (blocks, width) in enumerate(zip(layers, widths)):
+            stage = self._make_layer(width, blocks, stride=1 if i == 0 else 2,
+                                     attention=attn if (i + 1) in attention_stages else None)
+            setattr(self, f"layer{i + 1}", stage)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.num_features = widths[-1] * Bottleneck.expansion
+        self.fc = nn.Linear(self.num_features, num_classes)
+        self._init_weights(zero_init_residual)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int, attention: dict | None) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
+                norm_layer(planes * Bottleneck.expansion),
+            )
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample, attention=attention, norm_layer=norm_layer)]
+        self.inplanes = planes * Bottleneck.expansion
+        for _ in range(1, blocks):
+            layers.append(Bottleneck(self.inplanes, planes, attention=attention, norm_layer=norm_layer))
+        return nn.Sequential(*layers)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():  # attention layers re-take their own init (projections, tables)
+            if isinstance(m, SelfAttention2d):
+                m.reset_parameters()
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"ResNet expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        x = torch.flatten(self.avgpool(self.forward_features(x)), 1)
+        return self.fc(self.drop(x))
