@@ -1,0 +1,169 @@
+"""Crash-safe checkpoints: atomic writes, ``weights_only`` loads, safetensors export, compatibility checks.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (what ``torch.load(weights_only=True)``
+accepts, so loading never runs arbitrary pickle code). Every write goes to a temporary file in the same folder,
+is flushed and fsync'ed, then ``os.replace``'d over the target: a process killed at any moment leaves either the
+previous file or the new one, never a torn one.
+
+Generic on purpose: classification and detection both use ``save_checkpoint`` / ``load_checkpoint``; the ``meta``
+dict convention (``{"model": name, "num_classes": n, ...}``) is what ``check_compatible`` compares.
+
+Status: complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that belongs to another model / class count."""
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then move ``tmp_path`` over ``path`` atomically (same folder, fsync first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable; not every filesystem lets a directory be opened
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically with ``torch.save``.
+
+    Args:
+        path: target file; its folder is created if needed.
+        state: plain containers of tensors, numbers, strings and ``None`` (no custom classes, so that
+            ``load_checkpoint`` can read it with ``weights_only=True``).
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by ``save_checkpoint`` with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is not a readable checkpoint (truncated, corrupt, not a torch file, or holds
+            objects other than tensors and plain containers).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or not a plain-tensor checkpoint "
+                              f"(loaded with weights_only=True): {_reason(err)}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def _reason(err: BaseException) -> str:
+    """The informative part of torch.load's error (its weights_only messages lead with generic advice)."""
+    text = str(err)
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, flags=re.DOTALL)
+    if match:
+        return " ".join(match.group(1).split())
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first.split(". This is an internal")[0]
+
+
+def check_compatible(meta: dict, *, model: str | None = None, num_classes: int | None = None,
+                     source: str = "checkpoint") -> None:
+    """Raise ``CheckpointError`` naming the mismatch when ``meta`` was written for another model or class count.
+
+    Args:
+        meta: the checkpoint's ``meta`` dict (``model``, ``num_classes``, ...).
+        model: the expected model name, ``None`` to skip the check.
+        num_classes: the expected classifier size, ``None`` to skip the check.
+        source: how to name the file in messages.
+    """
+    if model is not None and meta.get("model") not in (None, model):
+        raise CheckpointError(f"{source} was written for model {meta['model']!r}, but model={model!r} was requested")
+    if num_classes is not None and meta.get("num_classes") not in (None, num_classes):
+        raise CheckpointError(f"{source} was written for num_classes={meta['num_classes']}, but the model/dataset "
+                              f"needs num_classes={num_classes}")
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: dict, *, source: str = "checkpoint") -> None:
+    """``module.load_state_dict(strict=True)`` with a short error naming missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:3]}{' ...' if len(shapes) > 3 else ''}")
+        raise CheckpointError(f"{source} does not fit this model: " + "; ".join(parts))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def save_safetensors(path: str | os.PathLike, state_dict: dict, meta: dict | None = None) -> None:
+    """Write tensors as safetensors (atomically); ``meta`` is stored as JSON strings in the file's metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    metadata = {k: json.dumps(v) for k, v in (meta or {}).items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Read a safetensors file written by ``save_safetensors``: ``(state_dict, meta)``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"weights file {str(path)!r} is not a readable safetensors file: {err}") from err
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return state, meta
