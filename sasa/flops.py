@@ -7,13 +7,16 @@ q.r-only ablation drops one of each, ``positional`` absolute/none drops q.r). Th
 projections (``2 + m`` value matrices for spatially-aware values), the mixture and both attention products.
 Normalisation, activations, pooling and additions are not counted, as in the paper's table.
 
-The count runs one forward pass of batch 1 under ``torch.no_grad`` with hooks, so it works for any module,
-including models made by ``sasa.convert_to_attention``.
+The count runs one forward pass with hooks on a meta-device copy of the model (shapes only, no arithmetic; the
+model's own device if a module cannot run on meta), so it works for any module, including models made by
+``sasa.convert_to_attention``.
 
 Status: complete.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -51,41 +54,52 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)
     """
     if len(input_size) != 4:
         raise ValueError(f"input_size must be (B, C, H, W), got {input_size!r}")
-    total = 0
+    totals: list[int] = []
     inside = set()
     for m in model.modules():
         if isinstance(m, (SelfAttention2d, AttentionStem)):
             inside.update(id(sub) for sub in m.modules() if sub is not m)
 
     def hook(module, inputs, output):
-        nonlocal total
         x = inputs[0]
         batch = x.shape[0]
         if isinstance(module, SelfAttention2d):
-            total += batch * attention_macs(module, x.shape[2], x.shape[3])
+            totals.append(batch * attention_macs(module, x.shape[2], x.shape[3]))
         elif isinstance(module, AttentionStem):
-            total += batch * stem_macs(module, x.shape[2], x.shape[3])
+            totals.append(batch * stem_macs(module, x.shape[2], x.shape[3]))
         elif isinstance(module, nn.Conv2d):
             per_out = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += output.numel() * per_out
+            totals.append(output.numel() * per_out)
         elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
+            totals.append(output.numel() * module.in_features)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if id(m) not in inside and isinstance(m, (SelfAttention2d, AttentionStem, nn.Conv2d, nn.Linear))]
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            model(torch.zeros(input_size, device=device, dtype=dtype))
+        _shape_forward(model, input_size, reset=lambda: totals.clear())
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return 2 * total
+    return 2 * sum(totals)
+
+
+def _shape_forward(model: nn.Module, input_size: tuple[int, ...], reset) -> None:
+    """Run a forward pass for its shapes only: on a meta-device copy (no arithmetic), or on the model's own
+    device for modules that cannot run on meta."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    with torch.no_grad():
+        try:
+            meta = copy.deepcopy(model).to("meta")  # hooks travel with the copy
+            meta(torch.zeros(input_size, device="meta", dtype=dtype))
+            return
+        except (NotImplementedError, RuntimeError):
+            reset()  # forget what the failed meta pass counted
+        device = param.device if param is not None else torch.device("cpu")
+        model(torch.zeros(input_size, device=device, dtype=dtype))
 
 
 def count_params(model: nn.Module) -> int:

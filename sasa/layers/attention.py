@@ -7,7 +7,8 @@ Decisions the paper leaves open, taken as SPEC section 1 states them:
 - Relative embeddings: one (rel_rows, rel_cols) pair of ``(kernel_size, head_dim // 2)`` tables shared by all
   heads by default (``rel_per_head=True`` for one pair per head), initialised N(0, 1/head_dim).
 - ``scale=1.0`` (no 1/sqrt(d)); ``padding="zeros"`` (out-of-image keys/values are zero but stay in the softmax).
-- Stride s > 1: attention at stride 1, then an s x s average pool with stride s (the FLOP counts confirm this).
+- Stride s > 1: attention at stride 1, then an s x s average pool with stride s (the FLOP counts confirm this),
+  in ceil mode so an odd map gives ceil(H / s) rows like the strided 3x3 conv and 1x1 shortcut it sits beside.
 
 The three projections run as one fused 1x1 convolution; q, k, v are strided channels-last views of its output, so
 no copy is made between the projection and the op.
@@ -95,7 +96,8 @@ class SelfAttention2d(nn.Module):
         else:
             self.register_parameter("rel_rows", None)
             self.register_parameter("rel_cols", None)
-        self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity()
+        # ceil_mode: odd maps give ceil(H / s) like a strided conv, so the residual shortcut's shape matches
+        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

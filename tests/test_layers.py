@@ -1,0 +1,174 @@
+"""``SelfAttention2d`` and ``AttentionStem``: shapes, stride, options, parameters, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sasa
+from sasa import AttentionStem, SelfAttention2d
+
+
+def test_layer_is_conv_like():
+    layer = SelfAttention2d(16, 32, kernel_size=7, heads=8)
+    x = torch.randn(2, 16, 9, 11)
+    y = layer(x)
+    assert y.shape == (2, 32, 9, 11)
+    y.sum().backward()
+    assert layer.qkv.weight.grad is not None and layer.rel_rows.grad is not None and layer.rel_cols.grad is not None
+    assert "16, 32, kernel_size=7" in repr(layer)
+
+
+def test_stride_is_attention_then_avgpool():
+    torch.manual_seed(0)
+    strided = SelfAttention2d(8, 16, kernel_size=5, stride=2, heads=4)
+    plain = SelfAttention2d(8, 16, kernel_size=5, stride=1, heads=4)
+    plain.load_state_dict(strided.state_dict())
+    x = torch.randn(2, 8, 10, 7)
+    y = strided(x)
+    assert y.shape == (2, 16, 5, 4)  # ceil(7 / 2) = 4, like a strided 3x3 conv
+    torch.testing.assert_close(y, F.avg_pool2d(plain(x), 2, 2, ceil_mode=True))
+    torch.testing.assert_close(y[..., :3], F.avg_pool2d(plain(x), 2, 2))
+    assert "stride=2" in repr(strided)
+
+
+@pytest.mark.parametrize("backend", sasa.available_backends("cpu"))
+def test_layer_matches_across_backends(backend):
+    torch.manual_seed(1)
+    layer = SelfAttention2d(8, 16, kernel_size=7, heads=2, padding="mask", rel_per_head=True)
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+    ref = layer(x)
+    grad_ref = torch.autograd.grad(ref.sum(), [x, *layer.parameters()])
+    layer.backend = backend
+    out = layer(x)
+    grad = torch.autograd.grad(out.sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    for a, b in zip(grad, grad_ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_channels_last_input():
+    layer = SelfAttention2d(8, 16, kernel_size=3, heads=2)
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last)), layer(x))
+
+
+def test_parameter_counts_by_option():
+    cin, cout, k, heads = 16, 32, 7, 8
+    d = cout // heads
+    count = sasa.count_params
+    assert count(SelfAttention2d(cin, cout, k, heads=heads)) == 3 * cin * cout + k * d  # shared tables: 2 x k x d/2
+    assert count(SelfAttention2d(cin, cout, k, heads=heads, rel_per_head=True)) == 3 * cin * cout + heads * k * d
+    assert count(SelfAttention2d(cin, cout, k, heads=heads, query_key=False)) == 2 * cin * cout + k * d
+    assert count(SelfAttention2d(cin, cout, k, heads=heads, positional="none")) == 3 * cin * cout
+    assert count(SelfAttention2d(cin, cout, k, heads=heads, positional="absolute")) == 3 * cin * cout
+
+
+def test_positional_variants_run_and_differ():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6, 6)
+    absolute = SelfAttention2d(8, 8, 3, heads=2, positional="absolute")
+    none = SelfAttention2d(8, 8, 3, heads=2, positional="none")
+    none.load_state_dict(absolute.state_dict())
+    assert not torch.allclose(absolute(x), none(x))  # the encoding changes the projections' input
+    qr_only = SelfAttention2d(8, 8, 3, heads=2, query_key=False)
+    assert qr_only(x).shape == (1, 8, 6, 6)
+    assert "query_key=False" in repr(qr_only)
+
+
+def test_attention_weights_are_a_distribution():
+    layer = SelfAttention2d(4, 8, kernel_size=7, heads=2, padding="mask")
+    w = layer.attention_weights(torch.randn(2, 4, 3, 5))
+    assert w.shape == (2, 3, 5, 2, 7, 7)
+    torch.testing.assert_close(w.sum((-1, -2)), torch.ones(2, 3, 5, 2))
+    assert w[0, 0, 0, 0, 0, 0] == 0  # masked: top-left corner's up-left neighbour is outside
+
+
+def test_reset_parameters_initialisation():
+    layer = SelfAttention2d(64, 256, kernel_size=7, heads=8, rel_per_head=True)
+    std = layer.rel_rows.std().item()
+    assert abs(std - (1 / 32) ** 0.5) < 0.05  # N(0, 1/head_dim), head_dim 32
+    before = layer.qkv.weight.clone()
+    layer.reset_parameters()
+    assert not torch.equal(before, layer.qkv.weight)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(in_channels=8, out_channels=12, heads=8), ValueError, r"out_channels \(12\) must be divisible by heads"),
+        (dict(in_channels=8, out_channels=24, heads=8), ValueError, "head_dim must be even|out_channels / heads"),
+        (dict(in_channels=8, out_channels=16, kernel_size=4), ValueError, "kernel_size must be odd"),
+        (dict(in_channels=8, out_channels=16, kernel_size=-1), ValueError, "kernel_size must be odd"),
+        (dict(in_channels=0, out_channels=16), ValueError, "in_channels must be a positive int"),
+        (dict(in_channels=8, out_channels=16, padding="same"), ValueError, "padding must be one of"),
+        (dict(in_channels=8, out_channels=16, positional="rope"), ValueError, "positional must be one of"),
+        (dict(in_channels=8, out_channels=16, positional="none", query_key=False), ValueError, "query_key=False"),
+    ],
+)
+def test_layer_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        SelfAttention2d(**kwargs)
+
+
+def test_layer_bad_input_shape():
+    layer = SelfAttention2d(8, 16, 3, heads=2)
+    with pytest.raises(ValueError, match="expects 8 input channels, got 4"):
+        layer(torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        layer(torch.randn(8, 5, 5))
+
+
+# ------------------------------------------------------------------------------------------------ stem
+@pytest.mark.parametrize("values", ["spatial", "plain", "conv"])
+def test_stem_variants(values):
+    stem = AttentionStem(3, 64, values=values)
+    x = torch.randn(2, 3, 16, 12)
+    y = stem(x)
+    assert y.shape == (2, 64, 16, 12)
+    y.sum().backward()
+    assert all(p.grad is not None for p in stem.parameters())
+
+
+def test_stem_attends_only_inside_blocks():
+    """Changing one 4x4 block leaves every other block's output untouched."""
+    torch.manual_seed(0)
+    stem = AttentionStem(3, 16, heads=4)
+    x = torch.randn(1, 3, 8, 8)
+    x2 = x.clone()
+    x2[:, :, :4, :4] += 1.0
+    y, y2 = stem(x), stem(x2)
+    assert not torch.allclose(y[..., :4, :4], y2[..., :4, :4])
+    torch.testing.assert_close(y[..., 4:, :], y2[..., 4:, :])
+    torch.testing.assert_close(y[..., :4, 4:], y2[..., :4, 4:])
+
+
+def test_stem_spatial_values_by_hand():
+    """v_ab = (sum_m p(a,b,m) W_V^m) x_ab, checked at one position of one block; one head, so the output at a
+    pixel is a convex combination of its block's values."""
+    torch.manual_seed(0)
+    stem = AttentionStem(3, 8, heads=1)
+    x = torch.randn(1, 3, 4, 4)
+    p = stem.mixture_weights()  # (16, m)
+    torch.testing.assert_close(p.sum(-1), torch.ones(16))
+    w = torch.einsum("m,moc->oc", p[5], stem.value_weight)  # position (1, 1)
+    v_11 = w @ x[0, :, 1, 1]
+    q, k = stem.query(x[0].flatten(1).t()), stem.key(x[0].flatten(1).t())  # (16, 8)
+    values = torch.stack([torch.einsum("m,moc->oc", p[i], stem.value_weight) @ x[0, :, i // 4, i % 4]
+                          for i in range(16)])
+    attn = torch.softmax(q @ k.t(), -1)
+    torch.testing.assert_close(stem(x)[0, :, 1, 1], attn[5] @ values)
+    torch.testing.assert_close(values[5], v_11)
+
+
+def test_stem_params_and_bad_input():
+    stem = AttentionStem(3, 64)
+    # q, k: 3*64 each; W_V^m: 4*64*3; embeddings: (4 + 4 + 4) * 16
+    assert sasa.count_params(stem) == 2 * 192 + 4 * 192 + 12 * 16
+    with pytest.raises(ValueError, match="divisible by block_size"):
+        stem(torch.randn(1, 3, 10, 8))
+    with pytest.raises(ValueError, match="values must be one of"):
+        AttentionStem(3, 64, values="linear")
+    with pytest.raises(ValueError, match="divisible by heads"):
+        AttentionStem(3, 30, heads=4)

@@ -1,0 +1,184 @@
+"""The model family: registry, SPEC section 3's parameter and FLOP targets, ablation arithmetic, torchvision
+contract, forward/backward of every registered model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sasa
+from sasa.models import MODEL_INFO
+
+PAPER_MODELS = [n for n in MODEL_INFO if "paper_params_m" in MODEL_INFO[n]]
+# SPEC section 3: exact recounts (two decimals, +-0.01M) or "about" figures for one-decimal rows (+-0.05M)
+PARAMS_M = {
+    "resnet26": (13.70, 0.01), "sasa_resnet26_convstem": (10.33, 0.01), "sasa_resnet26": (10.32, 0.05),
+    "resnet38": (19.63, 0.01), "sasa_resnet38_convstem": (14.17, 0.01), "sasa_resnet38": (14.16, 0.05),
+    "resnet50": (25.56, 0.01), "sasa_resnet50_convstem": (18.02, 0.01), "sasa_resnet50": (18.01, 0.05),
+}
+GFLOPS = {  # paper GFLOPs, tolerance (full-attention rows: the stem's details are ours)
+    "resnet26": (4.7, 0.1), "sasa_resnet26_convstem": (4.5, 0.1), "sasa_resnet26": (4.7, 0.25),
+    "resnet38": (6.5, 0.1), "sasa_resnet38_convstem": (5.7, 0.1), "sasa_resnet38": (6.0, 0.25),
+    "resnet50": (8.2, 0.1), "sasa_resnet50_convstem": (7.0, 0.1), "sasa_resnet50": (7.2, 0.25),
+}
+
+# sasa_resnet26 layout: blocks per stage and widths of the 3x3 position; k = 7, 8 heads
+BLOCKS, WIDTHS, K, HEADS = (1, 2, 4, 1), (64, 128, 256, 512), 7, 8
+
+
+def params(name, **overrides):
+    return sasa.count_params(sasa.create_model(name, **overrides))
+
+
+def gflops(name, **overrides):
+    return sasa.count_flops(sasa.create_model(name, **overrides)) / 1e9
+
+
+def attention_layers_224():
+    """(width, pre-pool pixels) of every attention layer of a depth-26 net at 224x224: the first block of stages
+    2-4 attends at its input resolution, then pools."""
+    out, res = [], 56
+    for stage, (n, w) in enumerate(zip(BLOCKS, WIDTHS)):
+        for b in range(n):
+            out.append((w, res * res))
+            if stage > 0 and b == 0:
+                res //= 2
+        if stage == 0:
+            continue
+    return out
+
+
+def test_attention_layer_resolutions():
+    assert attention_layers_224() == [(64, 3136), (128, 3136), (128, 784), (256, 784), (256, 196), (256, 196),
+                                      (256, 196), (512, 196)]
+
+
+def test_registry_names():
+    names = sasa.list_models()
+    for depth in (26, 38, 50):
+        for name in (f"resnet{depth}", f"sasa_resnet{depth}_convstem", f"sasa_resnet{depth}"):
+            assert name in names
+    assert "test_sasa_resnet" in names and "test_resnet" in names
+    assert sasa.list_models("sasa_resnet5*") == ["sasa_resnet50", "sasa_resnet50_convstem"]
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown model 'resnet51'; valid models: .*resnet50"):
+        sasa.create_model("resnet51")
+    with pytest.raises(TypeError, match=r"unknown override\(s\) \['kernal_size'\]"):
+        sasa.create_model("sasa_resnet26", kernel_size=7, kernal_size=5)
+    with pytest.raises(ValueError, match="attention_stages must be drawn from"):
+        sasa.create_model("sasa_resnet26", attention_stages=(0, 5))
+    with pytest.raises(ValueError, match="stem must be one of"):
+        sasa.create_model("sasa_resnet26", stem="patchify")
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_params_match_paper(name):
+    target, tol = PARAMS_M[name]
+    assert abs(params(name) / 1e6 - target) <= tol + 1e-9
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_flops_match_paper(name):
+    target, tol = GFLOPS[name]
+    assert abs(gflops(name) - target) <= tol
+
+
+def test_full_attention_params_are_convstem_minus_conv_plus_stem():
+    stem = 2 * 3 * 64 + 4 * 64 * 3 + 12 * 16  # q, k; four value matrices; row/col/mixture embeddings of width 16
+    for depth in (26, 38, 50):
+        assert params(f"sasa_resnet{depth}") == params(f"sasa_resnet{depth}_convstem") - 3 * 64 * 49 + stem
+
+
+def test_ablation_params_by_hand():
+    """Each ablation's parameter change, recomputed from the architecture (sasa_resnet26_convstem)."""
+    base = params("sasa_resnet26_convstem")
+    tables = sum(n * K * (w // HEADS) for n, w in zip(BLOCKS, WIDTHS))  # shared rows+cols: k * head_dim per layer
+    assert tables == 1624
+    w_k = sum(n * w * w for n, w in zip(BLOCKS, WIDTHS))  # one C x C key projection per layer
+    assert w_k == 561152
+    assert params("sasa_resnet26_convstem", query_key=False) == base - w_k
+    assert params("sasa_resnet26_convstem", positional="none") == base - tables
+    assert params("sasa_resnet26_convstem", positional="absolute") == base - tables
+    assert params("sasa_resnet26_convstem", kernel_size=3) == base - tables * 4 // 7
+    assert params("sasa_resnet26_convstem", kernel_size=11) == base + tables * 4 // 7
+    assert params("sasa_resnet26_convstem", rel_per_head=True) == base + (HEADS - 1) * tables
+    # stages 1-2 back to 3x3 convs: 9 w^2 instead of 3 w^2 + k * head_dim
+    back = sum(n * (9 * w * w - 3 * w * w - K * w // HEADS) for n, w in list(zip(BLOCKS, WIDTHS))[:2])
+    assert params("sasa_resnet26_convstem", attention_stages=(3, 4)) == base + back
+    assert params("sasa_resnet26_convstem", attention_stages=()) == params("resnet26")
+    assert params("sasa_resnet26", stem_values="plain") == params("sasa_resnet26") - 3 * 64 * 3 - 12 * 16
+    assert params("sasa_resnet26", stem_values="conv") == params("sasa_resnet26") - 4 * 192 - 12 * 16 + 9 * 192
+
+
+def test_ablation_flops_by_hand():
+    """FLOPs of the q.r-only and no-position ablations: per attention layer and pre-pool pixel, q.r-only drops
+    one projection (C*C) and one window term (k*k*C); positional='none' drops the q.r term (k*k*C)."""
+    base = sasa.count_flops(sasa.create_model("sasa_resnet26_convstem"))
+    layers = attention_layers_224()
+    qk_drop = 2 * sum((w * w + K * K * w) * px for w, px in layers)
+    qr_drop = 2 * sum(K * K * w * px for w, px in layers)
+    assert sasa.count_flops(sasa.create_model("sasa_resnet26_convstem", query_key=False)) == base - qk_drop
+    assert sasa.count_flops(sasa.create_model("sasa_resnet26_convstem", positional="none")) == base - qr_drop
+    k5 = 2 * sum(3 * (K * K - 25) * w * px for w, px in layers)
+    assert sasa.count_flops(sasa.create_model("sasa_resnet26_convstem", kernel_size=5)) == base - k5
+
+
+@pytest.mark.parametrize("name", sasa.list_models())
+def test_forward_backward_small(name):
+    torch.manual_seed(0)
+    model = sasa.create_model(name, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 10)
+    out.logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_small_images_and_overrides():
+    model = sasa.create_model("sasa_resnet26", num_classes=10, in_chans=1, stem="small", width_multiplier=0.25,
+                              heads=4, kernel_size=5, positional="absolute", stem_values="plain")
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert model.layer1[0].conv2.kernel_size == 5 and model.layer1[0].conv2.heads == 4
+
+
+def test_torchvision_contract():
+    """torchvision's BackboneWithFPN takes our models as they are."""
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    model = sasa.create_model("test_sasa_resnet", num_classes=10)
+    for attr in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"):
+        assert hasattr(model, attr)
+    channels = [model.layer1[-1].conv3.out_channels, model.layer2[-1].conv3.out_channels]
+    fpn = BackboneWithFPN(model, {"layer1": "0", "layer2": "1"}, channels, out_channels=32)
+    feats = fpn(torch.randn(1, 3, 32, 32))
+    assert [f.shape[1] for f in feats.values()] == [32, 32, 32]
+
+
+def test_norm_layer_and_zero_init():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    model = sasa.create_model("test_sasa_resnet", norm_layer=FrozenBatchNorm2d, zero_init_residual=True)
+    assert isinstance(model.bn1, FrozenBatchNorm2d)
+    model = sasa.create_model("test_sasa_resnet", zero_init_residual=True)
+    assert torch.count_nonzero(model.layer1[0].bn3.weight) == 0
+
+
+def test_train_step_memory_is_small():
+    """A SASA-ResNet-26 train step at 64x64 (batch 8) on CPU: peak RSS growth over the step, in a fresh process."""
+    code = (
+        "import resource, torch, sasa\n"
+        "torch.manual_seed(0)\n"
+        "m = sasa.create_model('sasa_resnet26', num_classes=10)\n"
+        "x = torch.randn(8, 3, 64, 64)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "m(x).sum().backward()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    grown_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert grown_mb < 600, f"train step grew peak RSS by {grown_mb} MB"
