@@ -157,7 +157,7 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f}
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"weights file {str(path)!r} is not a readable safetensors file: {err}") from err
     meta = {}
