@@ -111,16 +111,18 @@ class ResNet(nn.Module):
         stem_width = make_divisible(64 * width_multiplier, divisor)
         self.inplanes = stem_width
         if stem == "conv":
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+            conv1, maxpool = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, 2, 1)
         elif stem == "attention":
-            self.conv1 = AttentionStem(in_chans, stem_width, values=stem_values, mixtures=stem_mixtures)
-            self.maxpool = nn.MaxPool2d(4, stride=4)
+            conv1 = AttentionStem(in_chans, stem_width, values=stem_values, mixtures=stem_mixtures)
+            maxpool = nn.MaxPool2d(4, stride=4)
         else:
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
+            conv1, maxpool = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False), nn.Identity()
+        # registered in forward order: torchvision's IntermediateLayerGetter (in BackboneWithFPN) runs the children
+        # in registration order
+        self.conv1 = conv1
         self.bn1 = norm_layer(stem_width)
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool = maxpool
         attn = dict(kernel_size=kernel_size, heads=heads, padding=padding, positional=positional,
                     query_key=query_key, rel_per_head=rel_per_head, scale=scale, backend=backend)
         for i, (blocks, width) in enumerate(zip(layers, widths)):
