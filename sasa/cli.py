@@ -34,7 +34,70 @@ def _run_info(args) -> int:
     return 0
 
 
-COMMANDS = [_add_info]
+def _model_args(text: str) -> dict:
+    """``"in_chans=1,stem=small,attention_stages=(3, 4)"`` -> dict; values are Python literals or plain strings."""
+    import ast
+
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            if text[start:i].strip():
+                items.append(text[start:i].strip())
+            start = i + 1
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _pixel(text: str) -> tuple[int, int]:
+    try:
+        y, x = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected y,x (two integers), got {text!r}") from None
+    return y, x
+
+
+def _add_show_attention(sub) -> None:
+    p = sub.add_parser("show-attention", help="draw the k x k attention weights of every head of one layer",
+                       description="Write a PNG: the input image and, for each query pixel, the attention window of "
+                                   "every head of one SelfAttention2d layer (and their mean) at its position on the "
+                                   "image, with a colour bar.")
+    p.add_argument("--model", help="registered model name (default: from the weights' metadata or run config.yaml)")
+    p.add_argument("--weights", help="safetensors file or checkpoint .pt (a 'model' entry); random init if omitted")
+    p.add_argument("--image", required=True, help="any PIL-readable image (grayscale or RGB)")
+    p.add_argument("--layer", help="module name (layer3.0.conv2) or index into the attention layers (-1 = last); "
+                                   "default: the deepest layer whose input map is at least 2k-1 wide")
+    p.add_argument("--pixel", type=_pixel, action="append", help="query pixel y,x in the resized image; repeatable "
+                                                                 "(default: the centre)")
+    p.add_argument("--image-size", type=int, help="square input size (default: run config, else the registry's)")
+    p.add_argument("--model-args", type=_model_args, default={}, help="model overrides, e.g. "
+                                                                     "in_chans=1,stem=small,width_multiplier=0.5")
+    p.add_argument("--out", default="attention.png", help="output PNG (default: attention.png)")
+    p.add_argument("--list-layers", action="store_true", help="list the attention layers and their map sizes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init (without --weights)")
+    p.set_defaults(func=_run_show_attention)
+
+
+def _run_show_attention(args) -> int:
+    from .viz.show import show_attention
+
+    layer = int(args.layer) if args.layer is not None and args.layer.lstrip("-").isdigit() else args.layer
+    print(show_attention(args.model, args.image, args.out, weights=args.weights, model_args=args.model_args,
+                         layer=layer, pixels=args.pixel, image_size=args.image_size, list_layers=args.list_layers,
+                         seed=args.seed))
+    return 0
+
+
+COMMANDS = [_add_info, _add_show_attention]
 
 
 def build_parser() -> argparse.ArgumentParser:
