@@ -1,0 +1,181 @@
+"""timm interop: the ``sasa_*`` models in timm's registry, so ``timm.create_model("sasa_resnet50", num_classes=10)``,
+``features_only=True`` and timm's own ``train.py`` work with them.
+
+Registered names: ``sasa_resnet26/38/50`` (full attention) and ``sasa_resnet26/38/50_convstem``. The conv baselines
+keep their timm names for timm's own ``resnet26/50`` (timm has no ``resnet38``), so they are not registered; nor are
+sasa's tiny ``test_*`` models (timm has its own ``test_resnet``). Every ``sasa.create_model`` override passes through
+timm's keyword arguments (``timm.create_model("sasa_resnet26", kernel_size=5, attention_stages=(3, 4))``).
+
+Registration is lazy so that ``import sasa`` stays fast (importing timm costs seconds): ``import sasa`` calls
+``register_when_timm_imported()``, which registers at once when timm is already imported and otherwise adds an import
+hook that registers right after timm's own import finishes. Without timm installed nothing happens.
+
+timm's ``train.py`` does not import sasa; run it through this package's launcher::
+
+    python -m sasa.timm_train path/to/pytorch-image-models/train.py --model sasa_resnet26 ...
+
+timm-facing details: ``pretrained_cfg`` carries the 224 input size, ImageNet mean/std, bicubic interpolation and
+crop 0.875 (no pretrained weights are published: ``pretrained=True`` leaves the random init, with timm's warning);
+the model gets a ``feature_info`` list (stem activation, then ``layer1..4``) and ``features_only`` uses timm's
+``FeatureHookNet`` without rewriting the model; timm's ``bn_momentum`` / ``bn_eps`` become the BatchNorm settings,
+``global_pool`` must be ``"avg"``, and a non-zero ``drop_path_rate`` / ``drop_block_rate`` is refused (the models
+have neither).
+
+Status: complete; tested with timm 1.0.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from functools import partial
+
+from torch import nn
+
+from .layers.stem import AttentionStem
+from .models import MODEL_INFO, create_model
+
+TIMM_MODELS = tuple(f"sasa_resnet{d}{s}" for d in (26, 38, 50) for s in ("", "_convstem"))
+_registered = False
+
+
+def _cfg(name: str) -> dict:
+    """timm pretrained_cfg: input, normalisation and head for ``name`` (no weights: ``url`` is empty)."""
+    info = MODEL_INFO[name]
+    notes = f"paper: {info['paper_params_m']}M params, {info['paper_gflops']} GFLOPs, {info['paper_top1']}% top-1"
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+            "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "first_conv": "conv1" if info["config"]["stem"] == "conv" else None, "classifier": "fc",
+            "paper_ids": "arXiv:1906.05909", "paper_name": "Stand-Alone Self-Attention in Vision Models",
+            "notes": (notes,)}
+
+
+def feature_info(model: nn.Module) -> list[dict]:
+    """timm ``feature_info`` of a sasa ResNet: the stem activation (``relu``), then ``layer1`` .. ``layer4``."""
+    stem_stride = 1 if isinstance(model.conv1, AttentionStem) else model.conv1.stride[0]
+    pool = model.maxpool
+    pool_stride = 1 if isinstance(pool, nn.Identity) else pool.stride
+    pool_stride = pool_stride if isinstance(pool_stride, int) else pool_stride[0]
+    info = [{"num_chs": model.bn1.num_features, "reduction": stem_stride, "module": "relu"}]
+    reduction = stem_stride * pool_stride
+    for i in range(1, 5):
+        stage = getattr(model, f"layer{i}")
+        reduction *= 1 if i == 1 else 2
+        info.append({"num_chs": stage[-1].conv3.out_channels, "reduction": reduction, "module": f"layer{i}"})
+    return info
+
+
+def _build(variant: str, *, drop_path_rate: float = 0.0, drop_block_rate: float = 0.0, global_pool: str = "avg",
+           bn_momentum: float | None = None, bn_eps: float | None = None, device=None, dtype=None,
+           **kwargs) -> nn.Module:
+    """``sasa.create_model(variant, ...)`` from timm's keyword arguments, with ``feature_info`` attached."""
+    for name, value in (("drop_path_rate", drop_path_rate), ("drop_block_rate", drop_block_rate)):
+        if value:
+            raise ValueError(f"{name}={value}: the sasa ResNets have no stochastic depth or DropBlock; expected 0")
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool={global_pool!r}: the sasa ResNets use average pooling; expected 'avg'")
+    if bn_momentum is not None or bn_eps is not None:
+        bn = {k: v for k, v in (("momentum", bn_momentum), ("eps", bn_eps)) if v is not None}
+        kwargs.setdefault("norm_layer", partial(nn.BatchNorm2d, **bn))
+    model = create_model(variant, **kwargs)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    model.feature_info = feature_info(model)
+    return model
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    from timm.models import build_model_with_cfg
+
+    return build_model_with_cfg(partial(_build, variant), variant, pretrained,
+                                feature_cfg={"feature_cls": "hook", "no_rewrite": True}, **kwargs)
+
+
+def sasa_resnet26(pretrained: bool = False, **kwargs) -> nn.Module:
+    """SASA-ResNet-26, full attention (attention stem + attention in every stage)."""
+    return _create("sasa_resnet26", pretrained, **kwargs)
+
+
+def sasa_resnet26_convstem(pretrained: bool = False, **kwargs) -> nn.Module:
+    """SASA-ResNet-26 with the 7x7 convolution stem."""
+    return _create("sasa_resnet26_convstem", pretrained, **kwargs)
+
+
+def sasa_resnet38(pretrained: bool = False, **kwargs) -> nn.Module:
+    """SASA-ResNet-38, full attention."""
+    return _create("sasa_resnet38", pretrained, **kwargs)
+
+
+def sasa_resnet38_convstem(pretrained: bool = False, **kwargs) -> nn.Module:
+    """SASA-ResNet-38 with the 7x7 convolution stem."""
+    return _create("sasa_resnet38_convstem", pretrained, **kwargs)
+
+
+def sasa_resnet50(pretrained: bool = False, **kwargs) -> nn.Module:
+    """SASA-ResNet-50, full attention."""
+    return _create("sasa_resnet50", pretrained, **kwargs)
+
+
+def sasa_resnet50_convstem(pretrained: bool = False, **kwargs) -> nn.Module:
+    """SASA-ResNet-50 with the 7x7 convolution stem (the paper's 18.02M-parameter model)."""
+    return _create("sasa_resnet50_convstem", pretrained, **kwargs)
+
+
+def register() -> None:
+    """Register ``TIMM_MODELS`` with timm (imports timm); a second call does nothing."""
+    global _registered, default_cfgs
+    if _registered:
+        return
+    from timm.models import generate_default_cfgs, register_model
+
+    default_cfgs = generate_default_cfgs({name: _cfg(name) for name in TIMM_MODELS})  # timm reads it by this name
+    for name in TIMM_MODELS:
+        register_model(globals()[name])
+    _registered = True
+
+
+def _register_quietly() -> None:
+    try:
+        register()
+    # a timm API change must not break `import timm` for the user: warn instead
+    except (ImportError, AttributeError, TypeError, ValueError, KeyError) as err:
+        warnings.warn(f"sasa: could not register the sasa_* models with timm: {err!r}", stacklevel=2)
+
+
+class _RegisterAfterTimmImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; when ``timm`` is imported, wraps its loader so ``register()`` runs right after."""
+
+    def __init__(self) -> None:
+        self._busy = False
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "timm" or self._busy:
+            return None
+        self._busy = True  # the lookup below walks sys.meta_path again, this finder included
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module) -> None:
+            exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _register_quietly()
+
+        spec.loader.exec_module = exec_then_register  # the loader itself stays (timm reads package data through it)
+        return spec
+
+
+def register_when_timm_imported() -> None:
+    """Register now when timm is imported, else once it is; nothing when timm is not installed."""
+    if "timm" in sys.modules:
+        _register_quietly()
+    elif not any(isinstance(f, _RegisterAfterTimmImport) for f in sys.meta_path) and \
+            importlib.util.find_spec("timm") is not None:
+        sys.meta_path.insert(0, _RegisterAfterTimmImport())
