@@ -2,23 +2,33 @@
 
 Public surface: the functional op ``local_attention_2d`` and ``available_backends``; the layers
 ``SelfAttention2d`` and ``AttentionStem``; the model registry ``create_model`` / ``list_models``; FLOP
-accounting ``count_flops``. The maths and the decisions the paper leaves open are in ``docs/SPEC.md``.
+accounting ``count_flops``; ``convert_to_attention`` (swap any model's spatial convolutions for SASA layers) and
+``attention_maps`` (what the attention layers look at). When timm is installed the ``sasa_*`` models are registered
+with it (lazily, see ``sasa/timm_compat.py``). The maths and the decisions the paper leaves open are in
+``docs/SPEC.md``.
 
-Status: op, layers, models, accounting complete.
+Status: op, layers, models, accounting, converter, attention maps and timm interop complete.
 """
 
 from .flops import count_flops, count_params
 from .functional import available_backends, local_attention_2d
 from .layers import AttentionStem, SelfAttention2d
+from .layers.convert import convert_to_attention
 from .models import create_model, list_models
+from .timm_compat import register_when_timm_imported
+from .viz.maps import attention_maps
 
 __version__ = "0.1.0"
+
+register_when_timm_imported()
 
 __all__ = [
     "AttentionStem",
     "SelfAttention2d",
     "__version__",
+    "attention_maps",
     "available_backends",
+    "convert_to_attention",
     "count_flops",
     "count_params",
     "create_model",
