@@ -15,7 +15,7 @@ timm's ``train.py`` does not import sasa; run it through this package's launcher
     python -m sasa.timm_train path/to/pytorch-image-models/train.py --model sasa_resnet26 ...
 
 timm-facing details: ``pretrained_cfg`` carries the 224 input size, ImageNet mean/std, bicubic interpolation and
-crop 0.875 (no pretrained weights are published: ``pretrained=True`` leaves the random init, with timm's warning);
+crop 0.875 (no pretrained weights are published: ``pretrained=True`` gets timm's "No pretrained weights" error);
 the model gets a ``feature_info`` list (stem activation, then ``layer1..4``) and ``features_only`` uses timm's
 ``FeatureHookNet`` without rewriting the model; timm's ``bn_momentum`` / ``bn_eps`` become the BatchNorm settings,
 ``global_pool`` must be ``"avg"``, and a non-zero ``drop_path_rate`` / ``drop_block_rate`` is refused (the models
