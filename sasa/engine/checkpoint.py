@@ -157,7 +157,7 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"weights file {str(path)!r} is not a readable safetensors file: {err}") from err
     meta = {}
@@ -167,3 +167,32 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
         except json.JSONDecodeError:
             meta[k] = v
     return state, meta
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(state_dict, meta)`` of model weights in any form the project writes or meets.
+
+    Accepts a safetensors file (``save_safetensors``), a checkpoint dict with a ``'model'`` (or ``'state_dict'``)
+    state dict and an optional ``'meta'`` dict (``save_checkpoint``), or a bare state dict. ``module.`` (DDP) and
+    ``_orig_mod.`` (``torch.compile``) key prefixes are stripped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is unreadable or holds no state dict.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, meta = load_safetensors(path)
+    else:
+        ckpt = load_checkpoint(path)
+        state = ckpt.get("model", ckpt.get("state_dict", ckpt))
+        meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"weights {str(path)!r}: expected a safetensors file, a checkpoint dict with a 'model' "
+                              "state dict, or a bare state dict")
+    clean = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        clean[key] = value
+    return clean, meta

@@ -8,8 +8,9 @@
   ``num_classes`` and ``in_chans`` are read from the weights themselves (``fc.weight``, ``conv1.weight``) when no
   source gives them.
 - Weights: a safetensors file, or a torch checkpoint holding a state dict or a dict with a ``model`` (or
-  ``state_dict``) entry, read with ``sasa.engine.checkpoint`` (``weights_only=True``); ``module.`` / ``_orig_mod.``
-  prefixes (DDP, ``torch.compile``) are stripped. Without weights the model is randomly initialised, with a warning.
+  ``state_dict``) entry, read with ``sasa.engine.checkpoint.read_weights`` (``weights_only=True``; ``module.`` /
+  ``_orig_mod.`` prefixes of DDP and ``torch.compile`` stripped). Without weights the model is randomly
+  initialised, with a warning.
 - Image: any PIL-readable file, converted to the model's input channels (grayscale or RGB), resized to a square of
   ``image_size`` (default: the run config's, else the registry's input size), normalised with the config's mean/std,
   else ImageNet's for 3 channels and Fashion-MNIST's (0.2860 / 0.3530) for 1.
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.checkpoint import read_weights
 from ..layers.attention import SelfAttention2d
 from ..models import MODEL_INFO, create_model
 from .maps import attention_layers, attention_maps, resolve_layers
@@ -66,26 +68,6 @@ def _from_config(cfg: dict) -> dict:
             args.update(cfg[key])
     return {"name": name, "args": args, "image_size": cfg.get("image_size", data.get("image_size")),
             "mean": cfg.get("mean", data.get("mean")), "std": cfg.get("std", data.get("std"))}
-
-
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(state_dict, meta)`` of a safetensors file or a torch checkpoint, read with ``sasa.engine.checkpoint``."""
-    from ..engine.checkpoint import load_checkpoint, load_safetensors
-
-    if Path(path).suffix == ".safetensors":
-        state, meta = load_safetensors(path)
-    else:
-        ckpt = load_checkpoint(path)
-        state = ckpt.get("model", ckpt.get("state_dict", ckpt))
-        meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights {str(path)!r} must hold a state dict (or a checkpoint dict with a 'model' entry)")
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out, meta
 
 
 def build_model(name: str, overrides: dict, state: dict[str, torch.Tensor] | None) -> nn.Module:
@@ -159,7 +141,7 @@ def show_attention(model_name: str | None, image: str | Path, out: str | Path, *
     With ``list_layers`` nothing is drawn: the summary lists the attention layers and their input map sizes.
     ``seed`` seeds the random initialisation, so pictures of untrained models are reproducible.
     """
-    state, meta = load_weights(weights) if weights is not None else (None, {})
+    state, meta = read_weights(weights) if weights is not None else (None, {})
     run = _from_config(find_run_config(weights)) if weights is not None else _from_config({})
     saved = _from_config(meta)  # the weights' own metadata wins over the run's config.yaml
     cfg = {key: saved[key] or run[key] for key in run}
