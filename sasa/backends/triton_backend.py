@@ -1,0 +1,165 @@
+"""The ``triton`` backend: fused Triton kernels for ``local_attention_2d`` (the training path on CUDA).
+
+The forward is one kernel (online softmax over the k*k offsets, nothing materialised); it saves only the output
+and a per-(pixel, head) fp32 log-sum-exp. The backward is two kernels, query-centric (dq and the relative-table
+gradients) and key-centric (dk, dv), with no atomics, so gradients are deterministic by construction: this is the
+only mode (there is nothing to switch). q, k, v may be strided views, e.g. slices of one fused QKV projection;
+strides go to the kernels, nothing is copied. Any dtype of fp32 / bf16 / fp16, fp32 arithmetic inside.
+Kernels and launch logic: ``triton_kernels.py``. Layout and maths: ``sasa/functional.py``.
+
+The op is registered as the torch.library custom ops ``sasa::local_attention_fwd`` / ``sasa::local_attention_bwd``
+with fake (meta) implementations and autograd, so ``torch.compile`` traces through it without a graph break.
+
+CPU tensors run the same kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` is set (for tests only: it
+is very slow). The kernel module is loaded lazily on first use, compiled or interpreted by the tensors' device,
+so importing ``sasa`` never decorates a kernel and the order of imports does not matter.
+
+Status: complete and tested against ``reference`` in the interpreter; GPU speed measured by ``tools/gpu_check.py``.
+"""
+
+import importlib.util
+import os
+import sys
+from typing import Optional  # custom_op schema inference on torch 2.5 wants typing.Optional, not "X | None"
+
+import torch
+from torch import Tensor
+
+from . import Backend, register
+
+MAX_HEAD_DIM = 128
+MAX_KERNEL_SIZE = 11
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_KERNELS: dict = {}
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _kernels(interpret: bool):
+    """The kernel module, loaded once per mode (compiled / interpreted) with ``TRITON_INTERPRET`` set to match."""
+    mod = _KERNELS.get(interpret)
+    if mod is not None:
+        return mod
+    name = __package__ + (".triton_kernels_interpreted" if interpret else ".triton_kernels")
+    path = os.path.join(os.path.dirname(__file__), "triton_kernels.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"  # triton.jit reads it when decorating
+    try:
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    _KERNELS[interpret] = mod
+    return mod
+
+
+def kernels_for(device: torch.device):
+    """Interpreted kernels for CPU tensors (or when ``TRITON_INTERPRET=1``), compiled ones otherwise."""
+    return _kernels(device.type != "cuda" or _interpret_env())
+
+
+def _empty(q: Tensor) -> Tensor:
+    return q.new_empty(0)
+
+
+@torch.library.custom_op("sasa::local_attention_fwd", mutates_args=())
+def local_attention_fwd(q: Tensor, k: Optional[Tensor], v: Tensor, rel_rows: Optional[Tensor],  # noqa: UP045
+                        rel_cols: Optional[Tensor], kernel_size: int, mask: bool,  # noqa: UP045
+                        scale: float) -> tuple[Tensor, Tensor]:
+    """Forward: ``(out (B, H, W, heads, d) contiguous, lse (B, heads, H, W) fp32)``."""
+    return kernels_for(q.device).forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale)
+
+
+@local_attention_fwd.register_fake
+def _(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale):
+    B, H, W, heads, _d = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, heads, H, W), dtype=torch.float32)
+
+
+@torch.library.custom_op("sasa::local_attention_bwd", mutates_args=())
+def local_attention_bwd(dout: Tensor, q: Tensor, k: Optional[Tensor], v: Tensor, out: Tensor, lse: Tensor,  # noqa: UP045
+                        rel_rows: Optional[Tensor], rel_cols: Optional[Tensor], kernel_size: int, mask: bool,  # noqa: UP045
+                        scale: float, need_kv: bool, need_rows: bool, need_cols: bool
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward: ``(dq, dk, dv, drows, dcols)``; a gradient that is absent or not needed is an empty tensor."""
+    grads = kernels_for(q.device).backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size, mask, scale,
+                                           need_kv=need_kv, need_rows=need_rows, need_cols=need_cols)
+    return tuple(g if g is not None else _empty(q) for g in grads)
+
+
+@local_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size, mask, scale, need_kv, need_rows, need_cols):
+    dq = q.new_empty(q.shape)
+    dk = q.new_empty(q.shape) if (k is not None and need_kv) else _empty(q)
+    dv = q.new_empty(q.shape) if need_kv else _empty(q)
+    drows = rel_rows.new_empty(rel_rows.shape) if (rel_rows is not None and need_rows) else _empty(q)
+    dcols = rel_cols.new_empty(rel_cols.shape) if (rel_cols is not None and need_cols) else _empty(q)
+    return dq, dk, dv, drows, dcols
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rel_rows, rel_cols, kernel_size, mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rel_rows, rel_cols, out, lse)
+    ctx.kernel_size, ctx.mask, ctx.scale = kernel_size, mask, scale
+    ctx.present = (k is not None, rel_rows is not None, rel_cols is not None)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, rel_rows, rel_cols, out, lse = ctx.saved_tensors
+    has_k, has_rows, has_cols = ctx.present
+    need_q, need_k, need_v, need_rows, need_cols = ctx.needs_input_grad[:5]
+    dq, dk, dv, drows, dcols = local_attention_bwd(
+        dout, q, k, v, out, lse, rel_rows, rel_cols, ctx.kernel_size, ctx.mask, ctx.scale,
+        bool(need_k or need_v), bool(need_rows), bool(need_cols))
+    return (dq if need_q else None, dk if (has_k and need_k) else None, dv if need_v else None,
+            drows if (has_rows and need_rows) else None, dcols if (has_cols and need_cols) else None,
+            None, None, None)
+
+
+torch.library.register_autograd("sasa::local_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def triton_attention(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale):
+    """The backend's ``apply``: shapes as in ``sasa.local_attention_2d``."""
+    out, _lse = local_attention_fwd(q, k, v, rel_rows, rel_cols, int(kernel_size), padding == "mask", float(scale))
+    return out
+
+
+def _can_run(q, *, k=None, rel_rows=None, rel_cols=None, kernel_size=None, padding=None, device=None,
+             **_) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton, Linux + CUDA)"
+    dev = torch.device(device) if device is not None else q.device
+    if dev.type == "cpu":
+        if not _interpret_env():
+            return "needs CUDA tensors (CPU only through Triton's interpreter, TRITON_INTERPRET=1, for tests)"
+    elif dev.type != "cuda":
+        return f"needs CUDA tensors, got device {dev.type!r}"
+    if q.dtype not in DTYPES:
+        extra = " (use backend='reference' for float64 checks)" if q.dtype == torch.float64 else ""
+        return f"dtype {q.dtype} is not supported, expected float32, bfloat16 or float16{extra}"
+    head_dim = q.shape[-1]
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        return f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}"
+    if kernel_size is not None and kernel_size > MAX_KERNEL_SIZE:
+        return f"kernel_size must be <= {MAX_KERNEL_SIZE}, got {kernel_size}"
+    for name, t in (("k", k), ("rel_rows", rel_rows), ("rel_cols", rel_cols)):
+        if t is not None and t.dtype not in DTYPES:
+            return f"{name} dtype {t.dtype} is not supported, expected float32, bfloat16 or float16"
+    return None
+
+
+register(Backend(name="triton", apply=triton_attention, can_run=_can_run, priority={"cuda": 20}))

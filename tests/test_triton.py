@@ -1,0 +1,209 @@
+"""The ``triton`` backend against the ``reference`` oracle: forward and every gradient, borders on purpose.
+
+On CPU the kernels run in Triton's interpreter. ``TRITON_INTERPRET=1`` is set per test (``monkeypatch``), never
+for the whole process: on a CUDA machine a process-wide setting would push every other test's CUDA launches into
+the interpreter. The backend picks interpreted or compiled kernels by the tensors' device, loading each kernel
+module lazily, so the order in which test modules import ``sasa`` does not matter (checked below).
+
+Shapes are tiny on purpose (the interpreter runs one Python step per tile and offset); ``TILE_OVERRIDE`` forces
+small tiles so borders between tiles are exercised on 3x3 .. 7x9 maps. GPU tests are marked ``gpu``.
+"""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sasa
+from sasa.backends import all_backends
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Run the triton backend on CPU tensors through Triton's interpreter for the duration of one test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sasa.backends import triton_backend
+
+    return triton_backend
+
+
+def _tile(monkeypatch, triton_backend, tile):
+    kernels = triton_backend.kernels_for(torch.device("cpu"))
+    monkeypatch.setattr(kernels, "TILE_OVERRIDE", tile)
+
+
+def _inputs(B, H, W, heads, d, K, *, tables="both", has_k=True, per_head=False, fused=False, device="cpu",
+            dtype=torch.float32, seed=0):
+    """q, k, v (fused: strided views of one (B, H, W, 3, heads, d) tensor) and the relative tables."""
+    g = torch.Generator().manual_seed(seed)
+    if fused:
+        qkv = torch.randn(B, H, W, 3, heads, d, generator=g).to(device, dtype).requires_grad_()
+        q, k, v = qkv.unbind(3)  # (B, H, W, heads, d) views, strides (.., 3*heads*d, d, 1)
+        leaves = [qkv]
+    else:
+        q, k, v = (torch.randn(B, H, W, heads, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        leaves = [q, k, v]
+    shape = (heads, K, d // 2) if per_head else (K, d // 2)
+    rows = torch.randn(shape, generator=g).to(device).requires_grad_() if tables in ("both", "rows") else None
+    cols = torch.randn(shape, generator=g).to(device).requires_grad_() if tables in ("both", "cols") else None
+    leaves += [t for t in (rows, cols) if t is not None]
+    return q, (k if has_k else None), v, rows, cols, leaves
+
+
+def _run(backend, q, k, v, rows, cols, leaves, K, padding, scale, dout_seed=1):
+    out = sasa.local_attention_2d(q, k, v, rows, cols, kernel_size=K, padding=padding, scale=scale, backend=backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(dout_seed)).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    return out, grads
+
+
+# (B, H, W, heads, d, K, padding, tables, has_k, per_head, fused, tile, scale)
+CASES = {
+    "basic": (2, 5, 6, 2, 8, 3, "zeros", "both", True, False, False, None, 1.0),
+    "mask_tiles": (1, 5, 6, 2, 8, 3, "mask", "both", True, True, False, (2, 4), 1.0),
+    "k7_on_3x3": (1, 3, 3, 1, 8, 7, "zeros", "both", True, False, False, None, 1.0),
+    "k7_on_3x3_mask": (1, 3, 3, 2, 8, 7, "mask", "both", True, True, False, None, 1.0),
+    "k7_on_4x5_mask": (1, 4, 5, 2, 8, 7, "mask", "both", True, False, False, None, 0.5),
+    "k7_on_4x5_tiles": (1, 4, 5, 1, 8, 7, "zeros", "both", True, True, False, (2, 4), 1.0),
+    "fused_d12_tiles": (1, 7, 9, 2, 12, 5, "zeros", "both", True, False, True, (4, 8), 1.0),
+    "fused_mask_k9": (1, 7, 6, 1, 8, 9, "mask", "cols", True, True, True, (4, 8), 1.0),
+    "qr_only": (1, 6, 5, 2, 8, 5, "zeros", "both", False, False, False, (4, 4), 1.0),
+    "qr_only_mask_rows": (1, 6, 5, 1, 12, 3, "mask", "rows", False, True, True, None, 1.0),
+    "no_tables": (1, 5, 4, 2, 16, 5, "zeros", None, True, False, False, (2, 4), 0.25),
+    "no_tables_mask_odd_d": (1, 5, 7, 1, 5, 3, "mask", None, True, False, False, None, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference_fp32(case, interpret, monkeypatch):
+    B, H, W, heads, d, K, padding, tables, has_k, per_head, fused, tile, scale = CASES[case]
+    _tile(monkeypatch, interpret, tile)
+    q, k, v, rows, cols, leaves = _inputs(B, H, W, heads, d, K, tables=tables, has_k=has_k, per_head=per_head,
+                                          fused=fused)
+    out, grads = _run("triton", q, k, v, rows, cols, leaves, K, padding, scale)
+    ref_out, ref_grads = _run("reference", q, k, v, rows, cols, leaves, K, padding, scale)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    names = (["qkv"] if fused else ["q", "k", "v"]) + [n for n, t in (("rel_rows", rows), ("rel_cols", cols)) if t
+                                                       is not None]
+    for name, g, ref in zip(names, grads, ref_grads):
+        if ref is None:  # k=None: k's leaf is unused by both backends
+            assert g is None or not g.abs().any(), name
+            continue
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_partial_requires_grad_and_determinism(interpret):
+    """Only some inputs need gradients (the kernels skip the rest); two backward passes agree bit for bit."""
+    q, k, v, rows, cols, _ = _inputs(1, 5, 5, 2, 8, 3, per_head=True)
+    q, k = q.detach(), k.detach()
+    cols = cols.detach()
+    runs = [_run("triton", q, k, v, rows, cols, [v, rows], 3, "zeros", 1.0)[1] for _ in range(2)]
+    ref = _run("reference", q, k, v, rows, cols, [v, rows], 3, "zeros", 1.0)[1]
+    for a, b, r in zip(runs[0], runs[1], ref):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_batch(interpret):
+    q, k, v, rows, cols, leaves = _inputs(0, 4, 4, 1, 8, 3)
+    out, grads = _run("triton", q, k, v, rows, cols, leaves, 3, "zeros", 1.0)
+    assert out.shape == q.shape
+    assert all(g is None or not g.abs().any() for g in grads)
+
+
+def test_custom_op_opcheck(interpret):
+    """Schema, fake (meta) kernel, autograd registration and AOT tracing of the custom ops, checked by torch."""
+    q, k, v, rows, cols, _ = _inputs(1, 3, 4, 1, 8, 3)
+    op = torch.ops.sasa.local_attention_fwd.default
+    torch.library.opcheck(op, (q, k, v, rows, cols, 3, False, 1.0))
+    torch.library.opcheck(op, (q, None, v, None, cols, 3, True, 0.5))
+
+
+def test_compiles_without_graph_break(interpret):
+    """``fullgraph=True`` fails on any graph break; aot_eager traces forward and backward through the custom ops."""
+    q, k, v, rows, cols, leaves = _inputs(1, 3, 4, 1, 8, 3, fused=True)
+
+    def f(q, k, v, rows, cols):
+        return sasa.local_attention_2d(q, k, v, rows, cols, kernel_size=3, backend="triton").square().sum()
+
+    loss = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, rows, cols)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_loss = f(q, k, v, rows, cols)
+    ref_grads = torch.autograd.grad(ref_loss, leaves)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_can_run_reasons(monkeypatch):
+    triton_backend = all_backends()["triton"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.zeros(1, 2, 2, 1, 8)
+    assert "CUDA" in triton_backend.can_run(x, kernel_size=3)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.can_run(x, kernel_size=3) is None
+    assert "float64" in triton_backend.can_run(x.double(), kernel_size=3)
+    assert "head_dim" in triton_backend.can_run(torch.zeros(1, 2, 2, 1, 256), kernel_size=3)
+    assert "kernel_size" in triton_backend.can_run(x, kernel_size=13)
+    probe = torch.empty(1, 1, 1, 1, 2, device="meta")
+    assert triton_backend.can_run(probe, device=torch.device("cuda")) is None
+    assert triton_backend.can_run(probe, device="mps") is not None
+
+
+def test_never_default_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton" not in sasa.available_backends("cpu")
+    assert all_backends()["triton"].priority == {"cuda": 20}
+    if importlib.util.find_spec("triton") is not None:
+        assert sasa.available_backends("cuda")[0] == "triton"
+
+
+def test_kernels_load_lazily():
+    """Importing sasa and listing backends must not decorate any Triton kernel (TRITON_INTERPRET is read then)."""
+    code = (
+        "import sys, sasa; sasa.available_backends('cpu'); sasa.available_backends('cuda'); "
+        "assert 'sasa.backends.triton_backend' in sys.modules; "
+        "assert not [m for m in sys.modules if m.startswith('sasa.backends.triton_kernels')], sys.modules.keys()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("padding", ["zeros", "mask"])
+@pytest.mark.parametrize("d,K,H,W", [(8, 7, 13, 10), (16, 3, 9, 9), (64, 11, 6, 7)])
+def test_cuda_matches_reference(d, K, H, W, padding):
+    q, k, v, rows, cols, leaves = _inputs(2, H, W, 2, d, K, per_head=d == 16, fused=True, device="cuda")
+    out, grads = _run("triton", q, k, v, rows, cols, leaves, K, padding, 1.0)
+    ref_out, ref_grads = _run("reference", q, k, v, rows, cols, leaves, K, padding, 1.0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_torch_compile_no_graph_break():
+    q, k, v, rows, cols, leaves = _inputs(2, 8, 8, 2, 16, 7, fused=True, device="cuda", dtype=torch.bfloat16)
+
+    def f(q, k, v, rows, cols):
+        return sasa.local_attention_2d(q, k, v, rows, cols, kernel_size=7, backend="triton").float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss = compiled(q, k, v, rows, cols)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_loss = f(q, k, v, rows, cols)
+    ref_grads = torch.autograd.grad(ref_loss, leaves)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
