@@ -1,9 +1,22 @@
-"""The ``shifted`` backend: k*k shifted slices of the zero-padded K and V, with a hand-written backward.
+"""The ``shifted`` backend: k*k shifted slices of one padded, flattened buffer, with a hand-written backward.
 
-Instead of unfolding K and V into k*k-times larger tensors, the forward walks the k*k window offsets and reads
-each one as a *view* of the padded K/V (no copy). Autograd saves only q, k, v, the tables and the softmax
-probabilities ``(B, H, W, heads, k*k)``; the backward recomputes the rest offset by offset. Peak memory is about
-the probabilities plus a few (B, H, W, heads, head_dim) buffers, against k*k copies of K and V for unfold.
+Nothing is unfolded. Each (batch, head) plane is kept channels-first, zero-padded by r = k//2 and flattened with
+the padded row length ``Wp = W + 2r``: the key of query pixel ``n = i * Wp + j`` at window offset ``(a, b)`` then
+sits at flat index ``n + a * Wp + b`` of the padded K/V buffer, so every window offset is one *contiguous* slice
+(queries are padded to width ``Wp`` too; the 2r extra columns per row are computed and dropped, and because q
+and dout are zero there they add nothing to any gradient). Per pass:
+
+- logits ``sum_d q * k_window``: one ``addcmul_`` per channel d over all k*k offsets at once (a strided view
+  of the padded K whose (a, b, n) strides are (Wp, 1, 1)), which streams the logits instead of K;
+- ``out = sum_o p_o * v_o`` and the backward's gathers / scatters: one ``addcmul_`` per offset on contiguous
+  slices.
+
+Autograd saves q, k, v (views, no copies) and the softmax probabilities ``(B, heads, k*k, H*Wp)``; the backward
+recomputes the rest. Peak memory is about twice the probabilities plus a few padded ``(B, H, W, heads, head_dim)``
+buffers, against k*k copies of K and V (and their gradients) for unfold.
+
+On CPU this layout is also the one the models produce: a 1x1 NCHW convolution's output viewed as
+``(B, H, W, heads, head_dim)`` is already channels-first, so the permutes below are free.
 
 Runs on any device and dtype. Default on CPU. See ``sasa/functional.py`` for layout and maths.
 
@@ -12,123 +25,154 @@ Status: complete; the lean training path on CPU.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from . import Backend, register
 
 
-def _pad(x: torch.Tensor, r: int) -> torch.Tensor:
-    return F.pad(x, (0, 0, 0, 0, r, r, r, r))  # (B, H, W, h, d) -> (B, H+2r, W+2r, h, d)
+def _cf(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 4, 1, 2)  # (B, H, W, h, d) <-> (B, h, d, H, W), a view (the permutation is its own inverse)
 
 
-def _rel(q_half: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, h, c) x (k, c) or (h, k, c) -> (B, H, W, h, k)."""
-    if table.dim() == 2:
-        return q_half @ table.t()
-    return torch.einsum("bijhc,hxc->bijhx", q_half, table)
+def _queries(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, H, W, h, d) -> (B, h, d, H * Wp): channels-first, right-padded to the padded row length."""
+    B, H, W, h, d = x.shape
+    return F.pad(_cf(x), (0, 2 * r)).view(B, h, d, H * (W + 2 * r))
 
 
-def _rel_grad_q(g: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, h, k) x table -> (B, H, W, h, c): gradient of ``_rel`` w.r.t. q_half."""
-    if table.dim() == 2:
-        return g @ table
-    return torch.einsum("bijhx,hxc->bijhc", g, table)
+def _keys(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, H, W, h, d) -> (B, h, d, (H + 2r + 1) * Wp): padded by r (one spare row so every slice is in range)."""
+    B, _, _, h, d = x.shape
+    return F.pad(_cf(x), (r, r, r, r + 1)).view(B, h, d, -1)
 
 
-def _rel_grad_table(g: torch.Tensor, q_half: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Gradient of ``_rel`` w.r.t. the table, summed over batch and pixels."""
-    if table.dim() == 2:
-        return torch.einsum("bijhx,bijhc->xc", g, q_half)
-    return torch.einsum("bijhx,bijhc->hxc", g, q_half)
+def _window(xp: torch.Tensor, channel: int, K: int, Wp: int, N: int) -> torch.Tensor:
+    """View ``(B, h, K, K, N)`` of one channel of a padded buffer: ``[..., a, b, n] = xp[..., channel, n + a*Wp + b]``."""
+    s = xp.stride()
+    return xp.as_strided((xp.shape[0], xp.shape[1], K, K, N), (s[0], s[1], Wp, 1, 1),
+                         xp.storage_offset() + channel * s[2])
 
 
-def _outside_mask(H: int, W: int, K: int, device) -> torch.Tensor:
-    """(H, W, 1, K*K) bool, True where the window position falls outside the image."""
+def _dots_(acc: torch.Tensor, x: torch.Tensor, yp: torch.Tensor, K: int, Wp: int) -> None:
+    """acc (B, h, K*K, N) += sum over channels of x (B, h, d, N) times the windows of yp (B, h, d, L)."""
+    B, h, d, N = x.shape
+    acc5 = acc.view(B, h, K, K, N)
+    for c in range(d):
+        acc5.addcmul_(x[:, :, c, None, None, :], _window(yp, c, K, Wp, N))
+
+
+def _gather(w: torch.Tensor, xp: torch.Tensor, starts: list[int], out: torch.Tensor) -> torch.Tensor:
+    """out (B, h, d, N) = sum_o w[:, :, o] * xp[..., s_o : s_o + N]."""
+    N = out.shape[-1]
+    for o, s in enumerate(starts):
+        if o == 0:
+            torch.mul(w[:, :, o, None], xp[..., s : s + N], out=out)
+        else:
+            out.addcmul_(w[:, :, o, None], xp[..., s : s + N])
+    return out
+
+
+def _scatter(w: torch.Tensor, x: torch.Tensor, starts: list[int], L: int) -> torch.Tensor:
+    """The adjoint of ``_gather``: (B, h, d, L) buffer with ``[..., s_o : s_o + N] += w[:, :, o] * x`` for every o."""
+    B, h, d, N = x.shape
+    acc = x.new_zeros(B, h, d, L)
+    for o, s in enumerate(starts):
+        acc[..., s : s + N].addcmul_(w[:, :, o, None], x)
+    return acc
+
+
+def _crop(buf: torch.Tensor, H: int, W: int, Wp: int, row0: int, col0: int, like: torch.Tensor) -> torch.Tensor:
+    """Flat padded ``(B, h, d, rows * Wp)`` -> its ``(B, H, W, h, d)`` image from (row0, col0), copied in ``like``'s
+    memory order: channels-last if ``like`` has a unit channel stride, else channels-first (NCHW for the layer)."""
+    B, h, d, _ = buf.shape
+    img = buf.view(B, h, d, -1, Wp)[..., row0 : row0 + H, col0 : col0 + W]  # (B, h, d, H, W) view
+    return _cf(img).contiguous() if like.stride(-1) == 1 else _cf(img.contiguous())
+
+
+@functools.lru_cache(maxsize=64)
+def _outside_mask(H: int, W: int, K: int, device: torch.device) -> torch.Tensor:
+    """(K*K, H*Wp) bool: True where the window position falls outside the image (never for the padding columns)."""
     r = K // 2
-    inside = F.pad(torch.ones(H, W, device=device), (r, r, r, r))
-    win = inside.unfold(0, K, 1).unfold(1, K, 1).reshape(H, W, 1, K * K)  # (H, W, 1, K*K)
-    return win == 0
+    Wp = W + 2 * r
+    inside = F.pad(torch.ones(H, W, device=device), (r, r, r, r + 1)).flatten()
+    mask = inside.as_strided((K, K, H, Wp), (Wp, 1, Wp, 1)) == 0  # [a, b, i, j] = inside[(i + a) * Wp + j + b]
+    mask[..., W:] = False  # padding queries: keep them finite
+    return mask.reshape(K * K, H * Wp)
 
 
 class _ShiftedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_rows, rel_cols, K, padding, scale):
         B, H, W, h, d = q.shape
-        r = K // 2
-        logits = q.new_zeros(B, H, W, h, K * K)
-        if k is not None:
-            kp = _pad(k, r)
-            for a in range(K):
-                for b in range(K):
-                    logits[..., a * K + b] = torch.linalg.vecdot(q, kp[:, a : a + H, b : b + W])
-        view = logits.view(B, H, W, h, K, K)
-        if rel_rows is not None:
-            view += _rel(q[..., : d // 2], rel_rows.to(q.dtype))[..., :, None]
-        if rel_cols is not None:
-            view += _rel(q[..., d // 2 :], rel_cols.to(q.dtype))[..., None, :]
+        r, c = K // 2, d // 2
+        Wp = W + 2 * r
+        N = H * Wp
+        qf = _queries(q, r)  # (B, h, d, N), a fresh buffer
         if scale != 1.0:
-            logits *= scale
+            qf *= scale  # scale * (q.k + q.r) = (scale q).k + (scale q).r
+        logits = q.new_zeros(B, h, K * K, N)
+        view = logits.view(B, h, K, K, N)
+        if rel_rows is not None:
+            view += torch.matmul(rel_rows.to(q.dtype), qf[:, :, :c])[:, :, :, None]  # (B, h, K, N): row offsets
+        if rel_cols is not None:
+            view += torch.matmul(rel_cols.to(q.dtype), qf[:, :, c:])[:, :, None, :]  # column offsets
+        if k is not None:
+            _dots_(logits, qf, _keys(k, r), K, Wp)
+        del qf, view
         if padding == "mask":
             logits.masked_fill_(_outside_mask(H, W, K, q.device), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        del logits, view
-        out = q.new_zeros(B, H, W, h, d)
-        vp = _pad(v, r)
-        for a in range(K):
-            for b in range(K):
-                out.addcmul_(probs[..., a * K + b, None], vp[:, a : a + H, b : b + W])
+        probs = torch.softmax(logits, dim=2)  # (B, h, K*K, N)
+        del logits
+        starts = [a * Wp + b for a in range(K) for b in range(K)]
+        out = _gather(probs, _keys(v, r), starts, q.new_empty(B, h, d, N))
         ctx.save_for_backward(q, k, v, rel_rows, rel_cols, probs)
         ctx.K, ctx.scale = K, scale
-        return out
+        return _crop(out, H, W, Wp, 0, 0, q)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, rel_rows, rel_cols, probs = ctx.saved_tensors
         K, scale = ctx.K, ctx.scale
         B, H, W, h, d = q.shape
-        r = K // 2
-        dout = dout.contiguous()
-        vp = _pad(v, r)
-        dprobs = torch.empty_like(probs)
-        for a in range(K):
-            for b in range(K):
-                dprobs[..., a * K + b] = torch.linalg.vecdot(dout, vp[:, a : a + H, b : b + W])
-        # softmax backward: ds = p * (dp - sum(p * dp)), then the logit scale
-        ds = probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True))
-        del dprobs
+        r, c = K // 2, d // 2
+        Wp = W + 2 * r
+        N = H * Wp
+        L = (H + 2 * r + 1) * Wp
+        starts = [a * Wp + b for a in range(K) for b in range(K)]
+        need_q, need_k, need_v, need_rows, need_cols = ctx.needs_input_grad[:5]
+        dof = _queries(dout, r)  # (B, h, d, N), zero in the padding columns
+        ds = torch.zeros_like(probs)
+        _dots_(ds, dof, _keys(v, r), K, Wp)  # dL/dprobs
+        ds = torch._softmax_backward_data(ds, probs, 2, probs.dtype)  # dL/dlogits
         if scale != 1.0:
             ds *= scale
-        need_q, need_k, need_v, need_rows, need_cols = ctx.needs_input_grad[:5]
-        dq = torch.zeros_like(q) if need_q else None
-        dkp = q.new_zeros(B, H + 2 * r, W + 2 * r, h, d) if (k is not None and need_k) else None
-        dvp = q.new_zeros(B, H + 2 * r, W + 2 * r, h, d) if need_v else None
-        kp = _pad(k, r) if (k is not None and need_q) else None
-        for a in range(K):
-            for b in range(K):
-                o = a * K + b
-                if kp is not None:
-                    dq.addcmul_(ds[..., o, None], kp[:, a : a + H, b : b + W])
-                if dkp is not None:
-                    dkp[:, a : a + H, b : b + W].addcmul_(ds[..., o, None], q)
-                if dvp is not None:
-                    dvp[:, a : a + H, b : b + W].addcmul_(probs[..., o, None], dout)
-        ds = ds.view(B, H, W, h, K, K)
-        drows = dcols = None
-        if rel_rows is not None:
-            g = ds.sum(-1)  # (B, H, W, h, K): row offsets
+        qf = _queries(q, r)
+        dq = dk = dv = drows = dcols = dqf = None
+        if need_q:
+            dqf = _gather(ds, _keys(k, r), starts, torch.empty_like(qf)) if k is not None else torch.zeros_like(qf)
+        if k is not None and need_k:
+            dk = _crop(_scatter(ds, qf, starts, L), H, W, Wp, r, r, q)
+        if need_v:
+            dv = _crop(_scatter(probs, dof, starts, L), H, W, Wp, r, r, q)
+        ds5 = ds.view(B, h, K, K, N)
+        for table, dim, lo, need in ((rel_rows, 3, 0, need_rows), (rel_cols, 2, c, need_cols)):
+            if table is None:
+                continue
+            g = ds5.sum(dim)  # (B, h, K, N): gradient of the row (column) offset logits
             if need_q:
-                dq[..., : d // 2] += _rel_grad_q(g, rel_rows.to(q.dtype))
-            if need_rows:
-                drows = _rel_grad_table(g, q[..., : d // 2], rel_rows).to(rel_rows.dtype)
-        if rel_cols is not None:
-            g = ds.sum(-2)  # (B, H, W, h, K): column offsets
-            if need_q:
-                dq[..., d // 2 :] += _rel_grad_q(g, rel_cols.to(q.dtype))
-            if need_cols:
-                dcols = _rel_grad_table(g, q[..., d // 2 :], rel_cols).to(rel_cols.dtype)
-        dk = dkp[:, r : r + H, r : r + W] if dkp is not None else None
-        dv = dvp[:, r : r + H, r : r + W] if dvp is not None else None
+                dqf[:, :, lo : lo + c] += torch.matmul(table.to(q.dtype).transpose(-1, -2), g)
+            if need:
+                dt = torch.matmul(g, qf[:, :, lo : lo + c].transpose(-1, -2))  # (B, h, K, c)
+                dt = (dt.sum(0) if table.dim() == 3 else dt.sum((0, 1))).to(table.dtype)
+                if lo == 0:
+                    drows = dt
+                else:
+                    dcols = dt
+        if need_q:
+            dq = _crop(dqf, H, W, Wp, 0, 0, q)
         return dq, dk, dv, drows, dcols, None, None, None
 
 
