@@ -97,7 +97,53 @@ def _run_show_attention(args) -> int:
     return 0
 
 
-COMMANDS = [_add_info, _add_show_attention]
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="layer and model speed / memory: SASA against the convolution it replaces",
+                       description="Layer mode: each ResNet stage's 3x3 conv against the SelfAttention2d layer, once "
+                                   "per backend. Model mode: training-step and inference images/s and peak memory of "
+                                   "the conv ResNet and its SASA variants. Defaults per device: GPU batch 64, 256x256, "
+                                   "bf16 autocast, channels_last, ResNet-50 models; CPU batch 2 (layers) / 8 (models), "
+                                   "128x128, fp32, ResNet-26 models. Table on stdout, JSON with --out.")
+    p.add_argument("--mode", choices=["all", "layer", "model"], default="all")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--small", action="store_true", help="tiny shapes and models, a few repeats: seconds on CPU")
+    p.add_argument("--out", help="write the full record (settings, environment, every statistic) as JSON")
+    g = p.add_argument_group("layer mode")
+    g.add_argument("--batch", type=int, help="layer batch (default: 64 on GPU, 2 on CPU)")
+    g.add_argument("--image-size", type=int, help="image size the stage shapes stand for; also the model image size")
+    g.add_argument("--shapes", help="explicit layer shapes HxWxC,... (e.g. 32x32x128,16x16x256)")
+    g.add_argument("--kernel-size", type=int, help="attention window (default 7)")
+    g.add_argument("--heads", type=int, help="attention heads (default 8)")
+    g.add_argument("--backends", help="comma-separated attention backends (default: all available on the device)")
+    g.add_argument("--skip-slow", action="store_true", help="leave out the unfold reference backend")
+    g.add_argument("--slow-guard-gb", type=float, help="skip the unfold reference where it would need more GPU memory "
+                                                       "than this (default 40 on GPU)")
+    g = p.add_argument_group("model mode")
+    g.add_argument("--models", help="comma-separated model names (default: resnet50,sasa_resnet50_convstem,"
+                                    "sasa_resnet50 on GPU; the resnet26 family on CPU)")
+    g.add_argument("--model-batch", type=int, help="training / inference batch (default: 64 on GPU, 8 on CPU)")
+    g.add_argument("--backend", help="force one attention backend in the models (default: automatic choice)")
+    g.add_argument("--compile", action="store_true", help="wrap each model with torch.compile (first step compiles)")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="channels_last memory format (default on GPU)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    g.add_argument("--warmup", type=int, help="layer warm-up calls")
+    g.add_argument("--repeats", type=int, help="layer timed calls")
+    g.add_argument("--model-warmup", type=int, help="model warm-up steps (after the first, untimed step)")
+    g.add_argument("--model-repeats", type=int, help="model timed steps")
+    g.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from .bench import main
+
+    return main(args)
+
+
+COMMANDS = [_add_info, _add_show_attention, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,70 @@
+"""Plain-text tables and the JSON record of a ``sasa bench`` run.
+
+Status: complete.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def _ms(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    return f"{stats['median']:.3f} [{stats['min']:.3f}-{stats['max']:.3f}]"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def layer_table(rows: list[dict]) -> str:
+    header = (f"{'shape (HxWxC)':<14} {'impl':<20} {'fwd ms median [min-max]':>28} {'fwd+bwd ms median [min-max]':>30}"
+              f" {'peak MB':>9} {'fwd/conv':>8} {'f+b/conv':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{r['shape']:<14} {r['impl']:<20} {r['error']}")
+            continue
+        lines.append(f"{r['shape']:<14} {r['impl']:<20} {_ms(r['fwd_ms']):>28} {_ms(r['fwd_bwd_ms']):>30}"
+                     f" {r['peak_mb']:>9.1f} {_ratio(r.get('fwd_vs_conv')):>8} {_ratio(r.get('fwd_bwd_vs_conv')):>8}")
+    return "\n".join(lines)
+
+
+def model_table(rows: list[dict]) -> str:
+    header = (f"{'model':<24} {'backend':<24} {'params M':>8} {'train ms median [min-max]':>30} {'img/s':>8}"
+              f" {'vs conv':>7} {'peak MB':>9} {'infer img/s':>11}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        backend = r.get("backend") or "-"
+        if r["error"]:
+            lines.append(f"{r['model']:<24} {backend:<24} {r['error']}")
+            continue
+        lines.append(f"{r['model']:<24} {backend:<24} {r['params_m']:>8.2f} {_ms(r['train_ms']):>30}"
+                     f" {r['train_img_s']:>8.1f} {_ratio(r.get('vs_conv')):>7} {r['peak_mb']:>9.1f}"
+                     f" {r['infer_img_s']:>11.1f}")
+    return "\n".join(lines)
+
+
+def render(result: dict) -> str:
+    m = result["meta"]
+    dirty = " (with local changes)" if m.get("dirty") else ""
+    title = (f"sasa bench: {m['device_name']} | torch {m['torch']} | {m['dtype']}"
+             f"{' channels_last' if m['channels_last'] else ''} | commit {m['commit']}{dirty} | {m['date']}")
+    out = [title, f"peak MB = {m['memory']}"]
+    if "layer" in result:
+        lc = result["layer_config"]
+        out += ["", (f"Layer: batch {lc['batch']}, k={lc['kernel_size']}, {lc['heads']} heads, "
+                     f"warm-up {lc['warmup']}, {lc['repeats']} repeats"), layer_table(result["layer"])]
+    if "model" in result:
+        mc = result["model_config"]
+        out += ["", (f"Model: batch {mc['batch']}, {mc['image_size']}x{mc['image_size']}, training step = fwd + "
+                     f"loss + bwd + SGD, warm-up {mc['warmup']}, {mc['repeats']} repeats"
+                     f"{', torch.compile' if mc['compile'] else ''}"), model_table(result["model"])]
+    return "\n".join(out)
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")

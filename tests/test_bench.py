@@ -1,0 +1,78 @@
+"""``sasa bench --small``: the record's shape and fields (never a timing), and failures as rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sasa
+from sasa.cli import main
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier on a loaded machine; restored for the other tests
+    yield
+    torch.set_num_threads(threads)
+
+
+def _stats_ok(stats):
+    assert set(stats) >= {"median", "min", "max", "q1", "q3", "repeats"}
+    assert stats["min"] <= stats["median"] <= stats["max"]
+
+
+def test_bench_small_record(tmp_path, one_thread, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--small", "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Layer:" in text and "Model:" in text and "unfold (reference)" in text
+    record = json.loads(out.read_text())
+
+    meta = record["meta"]
+    for key in ("command", "commit", "dirty", "date", "device", "device_name", "torch", "dtype", "threads", "memory"):
+        assert key in meta, key
+    assert meta["device"] == "cpu" and meta["dtype"] == "fp32" and meta["torch"] == torch.__version__
+
+    layer = record["layer"]
+    shapes = record["layer_config"]["shapes"]
+    impls = ["conv3x3"] + [{"reference": "unfold (reference)"}.get(b, b) for b in sasa.available_backends("cpu")]
+    assert [(r["shape"], r["impl"]) for r in layer] == [(s, i) for s in shapes for i in impls]
+    for r in layer:
+        assert r["error"] is None, r
+        assert r["batch"] == record["layer_config"]["batch"]
+        _stats_ok(r["fwd_ms"])
+        _stats_ok(r["fwd_bwd_ms"])
+        assert r["peak_mb"] > 0
+        assert r["fwd_vs_conv"] > 0 and r["fwd_bwd_vs_conv"] > 0
+    assert all(r["fwd_bwd_vs_conv"] == 1.0 for r in layer if r["impl"] == "conv3x3")
+
+    models = record["model"]
+    assert [r["model"] for r in models] == record["model_config"]["models"]
+    for r in models:
+        assert r["error"] is None, r
+        _stats_ok(r["train_ms"])
+        _stats_ok(r["infer_ms"])
+        assert r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["peak_mb"] > 0 and r["params_m"] > 0
+        assert r["vs_conv"] > 0
+    assert models[0]["backend"] is None and models[0]["vs_conv"] == 1.0
+    assert models[1]["backend"].endswith("(auto)")
+
+
+def test_bench_failing_backend_is_a_row(tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--small", "--device", "cpu", "--mode", "layer", "--shapes", "4x4x16", "--backends",
+            "shifted,no-such-backend", "--out", str(out)]
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["layer"]
+    assert [r["impl"] for r in rows] == ["conv3x3", "shifted", "no-such-backend"]
+    assert rows[1]["error"] is None
+    assert "no-such-backend" in rows[2]["error"] and "fwd_ms" not in rows[2]
+
+
+def test_bench_bad_arguments(capsys):
+    assert main(["bench", "--small", "--device", "cpu", "--shapes", "32x32"]) == 2
+    assert "HxWxC" in capsys.readouterr().err
+    assert main(["bench", "--small", "--device", "cpu", "--dtype", "bf16"]) == 2
