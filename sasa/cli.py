@@ -143,7 +143,64 @@ def _run_bench(args) -> int:
     return main(args)
 
 
-COMMANDS = [_add_info, _add_show_attention, _add_bench]
+def _add_train(sub) -> None:
+    from .engine.config import add_flags
+
+    p = sub.add_parser("train", help="train a classifier (default: the Fashion-MNIST demo); works under torchrun",
+                       description="Train a model. With no arguments: the Fashion-MNIST demo of configs/default.yaml. "
+                                   "Values come from the built-in defaults < --config FILE < flags. Under "
+                                   "`torchrun --nproc_per_node=N` the same command trains with DDP (--batch-size is "
+                                   "global). SIGINT/SIGTERM save a checkpoint and exit; --resume RUN_DIR continues.")
+    p.add_argument("--config", help="YAML file of config keys (e.g. configs/imagenet_sasa_resnet50.yaml)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    add_flags(p)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .engine import config as cfg_mod
+    from .engine.runner import config_for_resume, train
+
+    overrides = cfg_mod.overrides_from_args(args)
+    if args.resume:
+        cfg = config_for_resume(args.resume, overrides)
+    else:
+        cfg = cfg_mod.resolve(args.config, overrides)
+    return train(cfg)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="top-1 / top-5 / loss of a checkpoint, safetensors file or run directory",
+                       description="Evaluate weights on a dataset split; prints a table and writes JSON. Dataset "
+                                   "settings default to those of the run the weights come from.")
+    p.add_argument("weights", help="a run directory, a .safetensors file or a .pt checkpoint")
+    p.add_argument("--dataset", choices=["fashion-mnist", "imagefolder", "cifar10", "cifar100", "synthetic"])
+    p.add_argument("--data-dir")
+    p.add_argument("--split", choices=["test", "holdout"], default="test",
+                   help="test: the official test/val split; holdout: the run's hold-out split")
+    p.add_argument("--holdout-fraction", type=float, help="hold-out fraction (default: the run's)")
+    p.add_argument("--model", help="expected model name (a mismatch with the weights is an error)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--output", help="JSON file (default: beside the weights)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .engine.runner import evaluate_weights, format_eval
+
+    result = evaluate_weights(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                              batch_size=args.batch_size, model=args.model, ema=args.ema, device=args.device,
+                              workers=args.workers, holdout_fraction=args.holdout_fraction, output=args.output,
+                              quiet=args.quiet)
+    print(format_eval(result))
+    return 0
+
+
+COMMANDS = [_add_info, _add_show_attention, _add_bench, _add_train, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

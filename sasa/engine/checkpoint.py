@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that belongs to another model / class count."""
@@ -35,6 +38,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the result the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

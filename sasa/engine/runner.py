@@ -1,0 +1,407 @@
+"""Wiring for ``sasa train`` and ``sasa eval``: a validated ``TrainConfig`` in, objects built and handed to
+``classify.py``, a run directory out.
+
+A run directory holds ``config.yaml`` (the resolved config), ``env.json`` (versions, device, commit),
+``metrics.jsonl``, ``last.pt`` / ``best.pt`` (atomic, ``weights_only`` checkpoints), and at the end
+``model.safetensors`` (+ ``model_ema.safetensors``), ``metrics.png`` and ``summary.json``. Under ``torchrun``
+only rank 0 writes.
+
+Exit codes of ``train``: 0 done; 1 the run failed on its data or its loss (message says which step, which file);
+128 + signal number (130 SIGINT, 143 SIGTERM) when stopped by a signal after saving ``last.pt``.
+
+Status: complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import config as C
+from .checkpoint import (
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    load_safetensors,
+    load_state_dict_checked,
+    save_checkpoint,
+    save_safetensors,
+)
+from .classify import ClassificationTrainer, NonFiniteLossError, TooManyBadSamplesError, evaluate
+from .distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from .environment import collect_environment, git_commit
+from .metrics import MetricsLogger, plot_metrics
+from .signals import GracefulStop
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+def _say(dist: DistInfo, msg: str) -> None:
+    if dist.is_main:
+        print(msg, flush=True)
+
+
+def precheck(cfg: C.TrainConfig) -> None:
+    """Checks that need no data and no model weights: the model name and its overrides, the data location."""
+    from ..data import check_data_config
+    from ..models import create_model, list_models
+
+    if cfg.model not in list_models():
+        raise C.ConfigError(f"config key 'model': unknown model {cfg.model!r}; valid: {', '.join(list_models())}")
+    try:
+        with torch.device("meta"):
+            create_model(cfg.model, num_classes=10, **{"in_chans": 3, **cfg.model_args})
+    except (TypeError, ValueError) as err:
+        raise C.ConfigError(f"config key 'model_args' {cfg.model_args} does not fit model {cfg.model!r}: {err}") \
+            from err
+    try:
+        check_data_config(cfg.dataset, cfg.data_dir)
+    except FileNotFoundError as err:
+        raise C.ConfigError(f"config key 'data_dir': {err}") from err
+
+
+def config_for_resume(run_dir: str | os.PathLike, overrides: dict) -> C.TrainConfig:
+    """The config saved in ``run_dir``, with the few keys a resumed run may change (``RESUMABLE_OVERRIDES``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / LAST).is_file():
+        raise C.ConfigError(f"--resume {str(run_dir)!r}: no {LAST} there (not a run directory, or it never reached "
+                            f"its first checkpoint)")
+    import yaml
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+    if saved is None:
+        saved = load_checkpoint(run_dir / LAST)["config"]
+    cfg = C.from_dict(saved, source=str(run_dir / "config.yaml"))
+    for k, v in overrides.items():
+        if k in ("resume", "config"):
+            continue
+        if k not in C.RESUMABLE_OVERRIDES and v != getattr(cfg, k):
+            raise C.ConfigError(f"config key {k!r} cannot change on --resume ({getattr(cfg, k)!r} -> {v!r}); "
+                                f"only {', '.join(C.RESUMABLE_OVERRIDES)} can")
+        setattr(cfg, k, C.check_value(k, v, source="command line"))
+    cfg.resume = str(run_dir)
+    cfg.output = str(run_dir)
+    return C.validate(cfg)
+
+
+def _run_dir(cfg: C.TrainConfig, dist: DistInfo) -> Path:
+    if cfg.resume:
+        return Path(cfg.resume)
+    name = cfg.output or os.path.join("runs", f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(broadcast_object(name))
+    if (run_dir / LAST).exists():
+        raise C.ConfigError(f"config key 'output': {str(run_dir)!r} already holds a run ({LAST}); continue it with "
+                            f"--resume {run_dir} or choose another --output")
+    return run_dir
+
+
+def _amp_dtype(cfg: C.TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _model_meta(cfg: C.TrainConfig, data) -> dict:
+    return {"model": cfg.model, "model_args": C.to_dict(cfg)["model_args"], "num_classes": data.num_classes,
+            "in_chans": data.in_chans, "image_size": data.image_size, "dataset": cfg.dataset}
+
+
+def _loader(dataset, sampler, batch_size: int, cfg: C.TrainConfig, device: torch.device, *, train: bool):
+    from ..data import collate_skip_bad
+
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
+                      collate_fn=collate_skip_bad, pin_memory=device.type == "cuda", drop_last=train,
+                      generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
+                      persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+
+
+def train(cfg: C.TrainConfig) -> int:
+    """Run (or resume) a training run described by ``cfg``; returns the process exit code."""
+    t0 = time.time()
+    precheck(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = init_distributed(cfg.device)
+    try:
+        return _train(cfg, dist, t0)
+    finally:
+        cleanup()
+
+
+def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ..data import ResumableDistributedSampler, ShardSampler, build_data
+    from ..models import create_model
+    from .ema import build_ema
+    from .optim import build_optimizer, build_scheduler, scaled_lr
+    from .syncbn import convert_sync_batchnorm
+
+    if cfg.batch_size % dist.world_size:
+        raise C.ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the number of "
+                            f"processes ({dist.world_size})")
+    run_dir = _run_dir(cfg, dist)
+    local_batch = cfg.batch_size // dist.world_size
+    device = dist.device
+
+    data = build_data(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, augment=cfg.augment,
+                      holdout_fraction=cfg.holdout_fraction, holdout_seed=cfg.holdout_seed,
+                      train_subset=cfg.train_subset, val_subset=cfg.val_subset, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    module = create_model(cfg.model, num_classes=data.num_classes, **{"in_chans": data.in_chans, **cfg.model_args})
+    if cfg.sync_bn and dist.distributed:
+        module = convert_sync_batchnorm(module, device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    module.to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    ema = build_ema(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    model = torch.compile(module) if cfg.compile else module
+    if dist.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = ResumableDistributedSampler(data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                          seed=cfg.seed, drop_last=True)
+    train_loader = _loader(data.train, sampler, local_batch, cfg, device, train=True)
+    val_loader = _loader(data.val, ShardSampler(len(data.val), num_replicas=dist.world_size, rank=dist.rank),
+                         local_batch, cfg, device, train=False)
+    steps_per_epoch = sampler.num_samples // local_batch
+    lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_base_batch)
+    optimizer = build_optimizer(module, name=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum, nesterov=cfg.nesterov)
+    scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * max(steps_per_epoch, 1),
+                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), min_ratio=cfg.min_lr_ratio)
+    logger = MetricsLogger(run_dir, enabled=dist.is_main)
+    meta = _model_meta(cfg, data)
+    segment_start = t0
+
+    trainer: ClassificationTrainer | None = None
+
+    def save(kind: str) -> None:
+        if not dist.is_main:
+            return
+        state = trainer.state_dict()
+        state["progress"]["elapsed_s"] = trainer.progress.elapsed_s + (time.time() - segment_start)
+        if kind == "best":
+            state = {k: state[k] for k in ("model", "ema", "progress") if k in state}
+        state.update(meta=meta, config=C.to_dict(cfg))
+        save_checkpoint(run_dir / (LAST if kind == "last" else BEST), state)
+
+    with GracefulStop() as stop:
+        trainer = ClassificationTrainer(
+            model=model, module=module, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+            val_loader=val_loader, dist=dist, epochs=cfg.epochs, ema=ema, label_smoothing=cfg.label_smoothing,
+            amp_dtype=_amp_dtype(cfg, device), channels_last=channels_last, grad_clip=cfg.grad_clip, logger=logger,
+            log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, save=save,
+            stop=stop, max_bad_fraction=cfg.max_bad_fraction, quiet=cfg.quiet)
+        if cfg.resume:
+            state = load_checkpoint(run_dir / LAST, map_location=device)
+            check_compatible(state.get("meta", {}), model=cfg.model, num_classes=data.num_classes,
+                             source=str(run_dir / LAST))
+            trainer.load_state_dict(state)
+            p = trainer.progress
+            logger.truncate(lambda r: r.get("step", 0) <= p.global_step)
+            _say(dist, f"resuming {run_dir} at epoch {p.epoch + 1}, batch {p.batches_done}/{steps_per_epoch} "
+                       f"(global step {p.global_step})")
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            C.dump_yaml(cfg, run_dir / "config.yaml")
+            env = collect_environment(device, dist.world_size)
+            env.update(data_source=data.source, steps_per_epoch=steps_per_epoch, local_batch=local_batch, lr=lr)
+            (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+        n_params = sum(p.numel() for p in module.parameters())
+        _say(dist, f"sasa train: {cfg.model} ({n_params / 1e6:.2f} M params) on {cfg.dataset} "
+                   f"({len(data.train)} train / {len(data.val)} {data.val_name} images from {data.source}); "
+                   f"{dist.world_size} x {device} , batch {cfg.batch_size}, lr {lr:g}, {cfg.epochs} epochs of "
+                   f"{steps_per_epoch} steps -> {run_dir}")
+        try:
+            status = trainer.fit()
+        except (NonFiniteLossError, TooManyBadSamplesError) as err:
+            _say(dist, f"sasa train: error: {err}")
+            return 1
+    if status == "stopped":
+        p = trainer.progress
+        signum = stop.signum or signal.SIGTERM
+        _say(dist, f"sasa train: stopped by {signal.Signals(signum).name} at epoch {p.epoch + 1}, batch "
+                   f"{p.batches_done}/{steps_per_epoch} (global step {p.global_step}); checkpoint saved to "
+                   f"{run_dir / LAST}.\nResume with: sasa train --resume {run_dir}")
+        barrier()
+        return 128 + int(signum)
+
+    summary = _finish(cfg, dist, data, trainer, module, ema, meta, run_dir, val_loader, local_batch, t0,
+                      n_params)
+    if dist.is_main:
+        _say(dist, format_summary(summary, run_dir))
+    barrier()
+    return 0
+
+
+def _finish(cfg, dist, data, trainer, module, ema, meta, run_dir, val_loader, local_batch, t0, n_params) -> dict:
+    """Final evaluation on the test split, weights as safetensors, plot, ``summary.json``."""
+    from ..data import ShardSampler
+
+    device = dist.device
+    final = dict(trainer.last_eval)
+    test = {"top1": final.get("val_top1"), "top5": final.get("val_top5"), "loss": final.get("val_loss")}
+    test_ema = {"top1": final.get("val_top1_ema"), "top5": final.get("val_top5_ema"),
+                "loss": final.get("val_loss_ema")}
+    if data.test is not None:  # validation was a hold-out: report the official test split too
+        loader = _loader(data.test, ShardSampler(len(data.test), num_replicas=dist.world_size, rank=dist.rank),
+                         local_batch, cfg, device, train=False)
+        amp = _amp_dtype(cfg, device)
+        test = evaluate(module, loader, device=device, amp_dtype=amp, channels_last=trainer.channels_last)
+        if ema is not None:
+            test_ema = evaluate(ema.module, loader, device=device, amp_dtype=amp, channels_last=trainer.channels_last)
+    p = trainer.progress
+    wall = p.elapsed_s + (time.time() - t0)
+    summary = {"model": cfg.model, "model_args": C.to_dict(cfg)["model_args"], "params_m": round(n_params / 1e6, 4),
+               "dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+               "top1": test["top1"], "top5": test["top5"], "loss": test["loss"],
+               "best_val_top1": p.best_top1, "best_epoch": p.best_epoch, "val_split": data.val_name,
+               "wall_s": round(wall, 1), "world_size": dist.world_size, "device": str(device),
+               "bad_train_images": int(p.bad_train_total), "seed": cfg.seed, **git_commit()}
+    if data.test is not None:
+        summary.update(holdout_top1=final.get("val_top1"), holdout_top1_ema=final.get("val_top1_ema"))
+    if ema is not None:
+        summary.update(top1_ema=test_ema["top1"], top5_ema=test_ema["top5"], loss_ema=test_ema["loss"])
+    if p.bad_examples:
+        summary["bad_examples"] = p.bad_examples
+    if dist.is_main:
+        save_safetensors(run_dir / "model.safetensors", module.state_dict(), {**meta, "top1": summary["top1"]})
+        if ema is not None:
+            save_safetensors(run_dir / "model_ema.safetensors", ema.module.state_dict(),
+                             {**meta, "top1": summary["top1_ema"], "ema": True})
+        try:
+            plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png",
+                         title=f"{cfg.model} on {cfg.dataset}: test top-1 {summary['top1']:.2f}%")
+        except Exception as err:  # noqa: BLE001  (a plot must never fail a finished run)
+            print(f"sasa train: warning: could not draw metrics.png: {err}", file=sys.stderr)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(summary: dict, run_dir: Path) -> str:
+    """The table printed at the end of a run."""
+    rows = [("model", f"{summary['model']} ({summary['params_m']:.2f} M params)"),
+            ("dataset", f"{summary['dataset']}, {summary['epochs']} epochs, batch {summary['batch_size']}"),
+            ("test top-1 / top-5", f"{summary['top1']:.2f}% / {summary['top5']:.2f}%  (loss {summary['loss']:.4f})")]
+    if "top1_ema" in summary and summary["top1_ema"] is not None:
+        rows.append(("EMA test top-1 / top-5", f"{summary['top1_ema']:.2f}% / {summary['top5_ema']:.2f}%"))
+    if "holdout_top1" in summary:
+        rows.append(("hold-out top-1", f"{summary['holdout_top1']:.2f}%"))
+    rows.append(("best val top-1", f"{summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']})"))
+    if summary.get("bad_train_images"):
+        rows.append(("unreadable images", f"{summary['bad_train_images']} skipped"))
+    minutes, seconds = divmod(summary["wall_s"], 60)
+    rows.append(("wall time", f"{int(minutes)}m{seconds:04.1f}s on {summary['world_size']} x {summary['device']}"))
+    rows.append(("run directory", str(run_dir)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["", "summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+# ---- sasa eval ---------------------------------------------------------------------------------------------------
+
+
+def _weights_file(path: Path, ema: bool) -> Path:
+    if path.is_dir():
+        for name in (("model_ema.safetensors",) if ema else ()) + ("model.safetensors", LAST):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{str(path)!r} holds no model.safetensors or {LAST}")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights {str(path)!r} do not exist")
+    return path
+
+
+def evaluate_weights(path: str | os.PathLike, *, dataset: str | None = None, data_dir: str | None = None,
+                     split: str = "test", batch_size: int = 256, model: str | None = None, ema: bool = False,
+                     device: str | None = None, workers: int = 0, holdout_fraction: float | None = None,
+                     output: str | None = None, quiet: bool = False) -> dict:
+    """Top-1 / top-5 / loss of a checkpoint (``.pt``), a safetensors file or a run directory on a dataset split.
+
+    Settings missing from the arguments come from the weights' metadata and the run's ``config.yaml``.
+    Writes the result as JSON (``output``, default beside the weights) and returns it.
+    """
+    from ..data import ShardSampler, build_data, collate_skip_bad
+    from ..models import create_model
+
+    path = Path(path)
+    weights = _weights_file(path, ema)
+    run_cfg: dict = {}
+    for candidate in (path / "config.yaml", weights.parent / "config.yaml"):
+        if candidate.is_file():
+            import yaml
+
+            run_cfg = yaml.safe_load(candidate.read_text()) or {}
+            break
+    if weights.suffix == ".safetensors":
+        state, meta = load_safetensors(weights)
+    else:
+        ckpt = load_checkpoint(weights)
+        meta = ckpt.get("meta", {})
+        if ema and "ema" not in ckpt:
+            raise CheckpointError(f"checkpoint {str(weights)!r} has no EMA weights (the run had ema_decay 0)")
+        state = ({k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")} if ema
+                 else ckpt["model"])
+        run_cfg = run_cfg or ckpt.get("config", {})
+    if not meta.get("model"):
+        raise CheckpointError(f"{str(weights)!r} carries no model name in its metadata; it was not written by sasa")
+    check_compatible(meta, model=model, source=str(weights))
+    dataset = dataset or meta.get("dataset") or run_cfg.get("dataset")
+    if dataset is None:
+        raise C.ConfigError("dataset is not known from the weights; pass --dataset")
+    same_data = dataset == run_cfg.get("dataset")
+    data_dir = data_dir or (run_cfg.get("data_dir") if same_data else None)
+    if holdout_fraction is None:
+        holdout_fraction = run_cfg.get("holdout_fraction", 0.0) if same_data else 0.0
+    if split not in ("test", "holdout"):
+        raise C.ConfigError(f"split must be 'test' or 'holdout', got {split!r}")
+    if split == "holdout" and not holdout_fraction:
+        raise C.ConfigError("split 'holdout' needs --holdout-fraction (the run had none)")
+    dist = init_distributed(device)
+    try:
+        data = build_data(dataset, data_dir=data_dir, image_size=meta.get("image_size"),
+                          holdout_fraction=holdout_fraction or 0.0,
+                          holdout_seed=run_cfg.get("holdout_seed", 0) if same_data else 0)
+        check_compatible(meta, num_classes=data.num_classes, source=str(weights))
+        net = create_model(meta["model"], num_classes=data.num_classes,
+                           **{"in_chans": meta.get("in_chans", data.in_chans), **(meta.get("model_args") or {})})
+        load_state_dict_checked(net, state, source=str(weights))
+        net.to(dist.device)
+        ds = data.val if split == "holdout" else (data.test if data.test is not None else data.val)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                            sampler=ShardSampler(len(ds), num_replicas=dist.world_size, rank=dist.rank),
+                            collate_fn=collate_skip_bad)
+        amp = torch.bfloat16 if dist.device.type == "cuda" else None
+        res = evaluate(net, loader, device=dist.device, amp_dtype=amp, show_progress=dist.is_main and not quiet)
+    finally:
+        cleanup()
+    result = {"weights": str(weights), "model": meta["model"], "ema": ema, "dataset": dataset, "split": split,
+              "images": res["count"], "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
+              "unreadable": res["bad"]}
+    out = Path(output) if output else weights.with_name(f"{weights.stem}.eval-{dataset}-{split}.json")
+    if dist.is_main:
+        out.write_text(json.dumps(result, indent=2))
+    result["json"] = str(out)
+    return result
+
+
+def format_eval(result: dict) -> str:
+    rows = [("weights", result["weights"] + (" (EMA)" if result["ema"] else "")), ("model", result["model"]),
+            ("data", f"{result['dataset']} / {result['split']} ({result['images']} images)"),
+            ("top-1", f"{result['top1']:.2f}%"), ("top-5", f"{result['top5']:.2f}%"),
+            ("loss", f"{result['loss']:.4f}")]
+    if result["unreadable"]:
+        rows.append(("unreadable", str(result["unreadable"])))
+    rows.append(("json", result["json"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
