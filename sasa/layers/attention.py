@@ -122,10 +122,16 @@ class SelfAttention2d(nn.Module):
         if self.positional == "absolute":
             x = x + sinusoidal_2d(self.in_channels, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
         B, _, H, W = x.shape
-        qkv = self.qkv(x).permute(0, 2, 3, 1)  # (B, H, W, P*C_out); a free view for channels_last memory
-        qkv = qkv.unflatten(3, (self.num_proj, self.heads, self.head_dim))  # (B, H, W, P, heads, d)
-        q, v = qkv[:, :, :, 0], qkv[:, :, :, -1]
-        k = qkv[:, :, :, 1] if self.query_key else None
+        y = self.qkv(x)  # (B, P*C_out, H, W)
+        # unbind (not indexing) so the backward stacks the three gradients in one copy, and unbind along the dim
+        # that keeps that copy in y's own memory format (no NCHW <-> NHWC conversion in the projection's backward)
+        if y.stride(1) == 1 and y.shape[1] > 1:  # channels_last memory: (B, H, W, P, heads, d) views
+            parts = y.permute(0, 2, 3, 1).unflatten(3, (self.num_proj, self.heads, self.head_dim)).unbind(3)
+        else:  # NCHW memory: (B, P, heads, d, H, W) views, permuted to (B, H, W, heads, d)
+            parts = [t.permute(0, 3, 4, 1, 2) for t in y.unflatten(1, (self.num_proj, self.heads, self.head_dim))
+                     .unbind(1)]
+        q, v = parts[0], parts[-1]
+        k = parts[1] if self.query_key else None
         return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
