@@ -56,12 +56,18 @@ def _window(xp: torch.Tensor, channel: int, K: int, Wp: int, N: int) -> torch.Te
                          xp.storage_offset() + channel * s[2])
 
 
-def _dots_(acc: torch.Tensor, x: torch.Tensor, yp: torch.Tensor, K: int, Wp: int) -> None:
-    """acc (B, h, K*K, N) += sum over channels of x (B, h, d, N) times the windows of yp (B, h, d, L)."""
+def _dots(x: torch.Tensor, yp: torch.Tensor, K: int, Wp: int, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, h, K*K, N): sum over channels of x (B, h, d, N) times the windows of yp (B, h, d, L), added to ``acc``
+    (in place) if given."""
     B, h, d, N = x.shape
-    acc5 = acc.view(B, h, K, K, N)
     for c in range(d):
-        acc5.addcmul_(x[:, :, c, None, None, :], _window(yp, c, K, Wp, N))
+        term = (x[:, :, c, None, None, :], _window(yp, c, K, Wp, N))
+        if acc is None:
+            acc = x.new_empty(B, h, K * K, N)
+            torch.mul(*term, out=acc.view(B, h, K, K, N))
+        else:
+            acc.view(B, h, K, K, N).addcmul_(*term)
+    return acc
 
 
 def _gather(w: torch.Tensor, xp: torch.Tensor, starts: list[int], out: torch.Tensor) -> torch.Tensor:
@@ -113,15 +119,18 @@ class _ShiftedAttention(torch.autograd.Function):
         qf = _queries(q, r)  # (B, h, d, N), a fresh buffer
         if scale != 1.0:
             qf *= scale  # scale * (q.k + q.r) = (scale q).k + (scale q).r
-        logits = q.new_zeros(B, h, K * K, N)
-        view = logits.view(B, h, K, K, N)
-        if rel_rows is not None:
-            view += torch.matmul(rel_rows.to(q.dtype), qf[:, :, :c])[:, :, :, None]  # (B, h, K, N): row offsets
-        if rel_cols is not None:
-            view += torch.matmul(rel_cols.to(q.dtype), qf[:, :, c:])[:, :, None, :]  # column offsets
+        logits = None  # (B, h, K*K, N), [..., a*K + b, :] = offset (a - r, b - r)
+        if rel_rows is not None or rel_cols is not None:
+            zero = qf.new_zeros(())
+            rows = torch.matmul(rel_rows.to(q.dtype), qf[:, :, :c]) if rel_rows is not None else zero  # (B, h, K, N)
+            cols = torch.matmul(rel_cols.to(q.dtype), qf[:, :, c:]) if rel_cols is not None else zero
+            logits = torch.add(rows[:, :, :, None] if rows.dim() else rows, cols[:, :, None, :] if cols.dim() else cols)
+            logits = logits.expand(B, h, K, K, N).reshape(B, h, K * K, N)
         if k is not None:
-            _dots_(logits, qf, _keys(k, r), K, Wp)
-        del qf, view
+            logits = _dots(qf, _keys(k, r), K, Wp, logits)
+        if logits is None:
+            logits = q.new_zeros(B, h, K * K, N)
+        del qf
         if padding == "mask":
             logits.masked_fill_(_outside_mask(H, W, K, q.device), float("-inf"))
         probs = torch.softmax(logits, dim=2)  # (B, h, K*K, N)
@@ -144,8 +153,7 @@ class _ShiftedAttention(torch.autograd.Function):
         starts = [a * Wp + b for a in range(K) for b in range(K)]
         need_q, need_k, need_v, need_rows, need_cols = ctx.needs_input_grad[:5]
         dof = _queries(dout, r)  # (B, h, d, N), zero in the padding columns
-        ds = torch.zeros_like(probs)
-        _dots_(ds, dof, _keys(v, r), K, Wp)  # dL/dprobs
+        ds = _dots(dof, _keys(v, r), K, Wp)  # dL/dprobs
         ds = torch._softmax_backward_data(ds, probs, 2, probs.dtype)  # dL/dlogits
         if scale != 1.0:
             ds *= scale
