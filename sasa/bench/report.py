@@ -6,6 +6,7 @@ Status: complete.
 from __future__ import annotations
 
 import json
+import os
 
 
 def _ms(stats: dict | None) -> str:
@@ -18,22 +19,29 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _cpu(stats: dict | None) -> str:
+    return f"{stats['cpu_median']:.3f}" if stats and "cpu_median" in stats else "-"
+
+
 def layer_table(rows: list[dict]) -> str:
+    cpu = any("cpu_median" in (r.get("fwd_bwd_ms") or {}) for r in rows)
     header = (f"{'shape (HxWxC)':<14} {'impl':<20} {'fwd ms median [min-max]':>28} {'fwd+bwd ms median [min-max]':>30}"
-              f" {'peak MB':>9} {'fwd/conv':>8} {'f+b/conv':>8}")
+              + (f" {'f+b cpu ms':>10}" if cpu else "") + f" {'peak MB':>9} {'fwd/conv':>8} {'f+b/conv':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         if r["error"]:
             lines.append(f"{r['shape']:<14} {r['impl']:<20} {r['error']}")
             continue
         lines.append(f"{r['shape']:<14} {r['impl']:<20} {_ms(r['fwd_ms']):>28} {_ms(r['fwd_bwd_ms']):>30}"
-                     f" {r['peak_mb']:>9.1f} {_ratio(r.get('fwd_vs_conv')):>8} {_ratio(r.get('fwd_bwd_vs_conv')):>8}")
+                     + (f" {_cpu(r['fwd_bwd_ms']):>10}" if cpu else "")
+                     + f" {r['peak_mb']:>9.1f} {_ratio(r.get('fwd_vs_conv')):>8} {_ratio(r.get('fwd_bwd_vs_conv')):>8}")
     return "\n".join(lines)
 
 
 def model_table(rows: list[dict]) -> str:
-    header = (f"{'model':<24} {'backend':<24} {'params M':>8} {'train ms median [min-max]':>30} {'img/s':>8}"
-              f" {'vs conv':>7} {'peak MB':>9} {'infer img/s':>11}")
+    cpu = any("cpu_median" in (r.get("train_ms") or {}) for r in rows)
+    header = (f"{'model':<24} {'backend':<24} {'params M':>8} {'train ms median [min-max]':>30}"
+              + (f" {'cpu ms':>9}" if cpu else "") + f" {'img/s':>8} {'vs conv':>7} {'peak MB':>9} {'infer img/s':>11}")
     lines = [header, "-" * len(header)]
     for r in rows:
         backend = r.get("backend") or "-"
@@ -41,7 +49,8 @@ def model_table(rows: list[dict]) -> str:
             lines.append(f"{r['model']:<24} {backend:<24} {r['error']}")
             continue
         lines.append(f"{r['model']:<24} {backend:<24} {r['params_m']:>8.2f} {_ms(r['train_ms']):>30}"
-                     f" {r['train_img_s']:>8.1f} {_ratio(r.get('vs_conv')):>7} {r['peak_mb']:>9.1f}"
+                     + (f" {_cpu(r['train_ms']):>9}" if cpu else "")
+                     + f" {r['train_img_s']:>8.1f} {_ratio(r.get('vs_conv')):>7} {r['peak_mb']:>9.1f}"
                      f" {r['infer_img_s']:>11.1f}")
     return "\n".join(lines)
 
@@ -52,6 +61,9 @@ def render(result: dict) -> str:
     title = (f"sasa bench: {m['device_name']} | torch {m['torch']} | {m['dtype']}"
              f"{' channels_last' if m['channels_last'] else ''} | commit {m['commit']}{dirty} | {m['date']}")
     out = [title, f"peak MB = {m['memory']}"]
+    if m.get("load_average") is not None and m["device"] == "cpu":
+        out.append(f"load average at start: {m['load_average']:.2f} on {os.cpu_count()} cores "
+                   f"(cpu ms = process CPU time per call, all threads)")
     if "layer" in result:
         lc = result["layer_config"]
         out += ["", (f"Layer: batch {lc['batch']}, k={lc['kernel_size']}, {lc['heads']} heads, "

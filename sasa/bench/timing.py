@@ -1,7 +1,9 @@
 """Timing, peak memory and the environment record every benchmark row carries.
 
 - Time: CUDA events around each repeat on GPU (after a synchronize), ``time.perf_counter`` on CPU; warm-up calls
-  first; the statistics are the median, min, max and interquartile range of the repeats, in milliseconds.
+  first; the statistics are the median, min, max and interquartile range of the repeats, in milliseconds. On CPU
+  the process's CPU time per call (all threads) is recorded too (``cpu_median``, ``cpu_min``) with the load average:
+  on a shared machine wall time counts other jobs, CPU time much less.
 - Peak memory (``peak_mb``): the highest tensor memory allocated *during* one call above what was allocated
   before it (parameters, optimizer state and inputs are not counted). On GPU from ``torch.cuda.max_memory_allocated``;
   on CPU from the allocation events ``torch.profiler`` records (``profile_memory=True``), summed in time order.
@@ -52,10 +54,16 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
         torch.cuda.synchronize(device)
         times = [start.elapsed_time(end) for start, end in events]
     else:
+        cpu = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+        stats = summarize(times)
+        # CPU time of the process (all threads): on a machine shared with other jobs, less inflated than wall time
+        stats["cpu_median"], stats["cpu_min"] = statistics.median(cpu), min(cpu)
+        return stats
     return summarize(times)
 
 
@@ -124,5 +132,6 @@ def environment(device: torch.device, *, dtype: str, channels_last: bool, comman
         "dtype": dtype,
         "channels_last": channels_last,
         "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # other jobs on the machine
         "memory": MEMORY_METHOD[device.type],
     }
