@@ -111,6 +111,17 @@ def test_partial_requires_grad_and_determinism(interpret):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+def test_expanded_upstream_gradient(interpret):
+    """``out.sum()`` hands the backward an all-stride-0 gradient; the kernels must not assume unit strides."""
+    q, k, v, rows, cols, leaves = _inputs(1, 4, 3, 1, 8, 3, fused=True)
+    grads = torch.autograd.grad(sasa.local_attention_2d(q, k, v, rows, cols, kernel_size=3, backend="triton").sum(),
+                                leaves)
+    ref = torch.autograd.grad(sasa.local_attention_2d(q, k, v, rows, cols, kernel_size=3, backend="reference").sum(),
+                              leaves)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 def test_empty_batch(interpret):
     q, k, v, rows, cols, leaves = _inputs(0, 4, 4, 1, 8, 3)
     out, grads = _run("triton", q, k, v, rows, cols, leaves, 3, "zeros", 1.0)

@@ -17,6 +17,7 @@ so importing ``sasa`` never decorates a kernel and the order of imports does not
 Status: complete and tested against ``reference`` in the interpreter; GPU speed measured by ``tools/gpu_check.py``.
 """
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -69,6 +70,11 @@ def kernels_for(device: torch.device):
     return _kernels(device.type != "cuda" or _interpret_env())
 
 
+def _on_device(q: Tensor):
+    """Triton launches on the *current* CUDA device: make it q's (cuda:1 tensors in a cuda:0 context)."""
+    return torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _empty(q: Tensor) -> Tensor:
     return q.new_empty(0)
 
@@ -78,7 +84,8 @@ def local_attention_fwd(q: Tensor, k: Optional[Tensor], v: Tensor, rel_rows: Opt
                         rel_cols: Optional[Tensor], kernel_size: int, mask: bool,  # noqa: UP045
                         scale: float) -> tuple[Tensor, Tensor]:
     """Forward: ``(out (B, H, W, heads, d) contiguous, lse (B, heads, H, W) fp32)``."""
-    return kernels_for(q.device).forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale)
+    with _on_device(q):
+        return kernels_for(q.device).forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale)
 
 
 @local_attention_fwd.register_fake
@@ -93,8 +100,9 @@ def local_attention_bwd(dout: Tensor, q: Tensor, k: Optional[Tensor], v: Tensor,
                         scale: float, need_kv: bool, need_rows: bool, need_cols: bool
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: ``(dq, dk, dv, drows, dcols)``; a gradient that is absent or not needed is an empty tensor."""
-    grads = kernels_for(q.device).backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size, mask, scale,
-                                           need_kv=need_kv, need_rows=need_rows, need_cols=need_cols)
+    with _on_device(q):
+        grads = kernels_for(q.device).backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size, mask,
+                                               scale, need_kv=need_kv, need_rows=need_rows, need_cols=need_cols)
     return tuple(g if g is not None else _empty(q) for g in grads)
 
 
