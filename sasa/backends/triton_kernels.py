@@ -1,9 +1,13 @@
 """Triton kernels of the ``triton`` backend: fused forward, and a two-kernel deterministic backward.
 
 Layout and maths as in ``sasa/functional.py``. Every kernel works on a tile of ``TH x TW`` pixels of one
-(batch, head) plane and walks the ``K x K`` window offsets (outer loop over rows at run time, inner loop over
-columns unrolled), reading each shifted K / V / Q tile straight from the (possibly strided) input: no window is
-ever materialised, neighbouring offsets and tiles hit L1/L2. All arithmetic is fp32 whatever the input dtype.
+(batch, head) plane, held as a ``(TH*TW, BD)`` register tile (``BD`` = head_dim rounded up to a power of two), and
+walks the ``K x K`` window offsets in two run-time loops (unrolling them cost 30-60 s of compile time and spilled
+registers), reading each shifted K / V / Q tile straight from the (possibly strided) input: no window is ever
+materialised, neighbouring offsets and tiles hit L1/L2. All arithmetic is fp32 whatever the input dtype; no
+``tl.dot``, so head_dim 8 works. Grid: one program per (batch, tile, head), heads varying fastest so the programs
+of one tile share its cache lines (channels-last keeps a pixel's heads adjacent). Offsets promise the compiler
+``tl.multiple_of(.., VEC)`` (checked on the host from the strides) so loads are 16-byte vectors.
 
 - ``_fwd_kernel``: online softmax over the offsets; writes ``out`` (input dtype) and the per-(pixel, head)
   log-sum-exp ``lse`` (fp32, ``(B, heads, H, W)``) for the backward.
@@ -22,7 +26,8 @@ Borders: ``MASK=False`` ("zeros") keeps out-of-image offsets in the softmax with
 This module is plain Triton. ``triton_backend`` loads it lazily, once per mode: compiled for CUDA tensors,
 interpreted (``TRITON_INTERPRET=1``) for CPU tensors. Do not import it from elsewhere.
 
-Status: complete; tuned only by reasoning (tile sizes in ``tile_config``), not yet by measurement.
+Status: complete. Tile sizes were chosen from offline sm_90 compiles (registers / spills from ptxas), not yet
+from GPU timings: ``tools/gpu_check.py --sweep`` measures the alternatives.
 """
 
 import math
