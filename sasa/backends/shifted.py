@@ -37,16 +37,21 @@ def _cf(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 4, 1, 2)  # (B, H, W, h, d) <-> (B, h, d, H, W), a view (the permutation is its own inverse)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16 / bf16 inputs are computed in fp32: 49-term sums and the softmax lose too much in half precision."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _queries(x: torch.Tensor, r: int) -> torch.Tensor:
     """(B, H, W, h, d) -> (B, h, d, H * Wp): channels-first, right-padded to the padded row length."""
     B, H, W, h, d = x.shape
-    return F.pad(_cf(x), (0, 2 * r)).view(B, h, d, H * (W + 2 * r))
+    return F.pad(_cf(x).to(_compute_dtype(x.dtype)), (0, 2 * r)).view(B, h, d, H * (W + 2 * r))
 
 
 def _keys(x: torch.Tensor, r: int) -> torch.Tensor:
     """(B, H, W, h, d) -> (B, h, d, (H + 2r + 1) * Wp): padded by r (one spare row so every slice is in range)."""
     B, _, _, h, d = x.shape
-    return F.pad(_cf(x), (r, r, r, r + 1)).view(B, h, d, -1)
+    return F.pad(_cf(x).to(_compute_dtype(x.dtype)), (r, r, r, r + 1)).view(B, h, d, -1)
 
 
 def _window(xp: torch.Tensor, channel: int, K: int, Wp: int, N: int) -> torch.Tensor:
@@ -92,10 +97,15 @@ def _scatter(w: torch.Tensor, x: torch.Tensor, starts: list[int], L: int) -> tor
 
 def _crop(buf: torch.Tensor, H: int, W: int, Wp: int, row0: int, col0: int, like: torch.Tensor) -> torch.Tensor:
     """Flat padded ``(B, h, d, rows * Wp)`` -> its ``(B, H, W, h, d)`` image from (row0, col0), copied in ``like``'s
-    memory order: channels-last if ``like`` has a unit channel stride, else channels-first (NCHW for the layer)."""
+    dtype and memory order: channels-last if ``like`` has a unit channel stride, else channels-first (NCHW for the
+    layer)."""
     B, h, d, _ = buf.shape
     img = buf.view(B, h, d, -1, Wp)[..., row0 : row0 + H, col0 : col0 + W]  # (B, h, d, H, W) view
-    return _cf(img).contiguous() if like.stride(-1) == 1 else _cf(img.contiguous())
+    if like.stride(-1) == 1:
+        out = buf.new_empty((B, H, W, h, d), dtype=like.dtype)
+    else:
+        out = _cf(buf.new_empty((B, h, d, H, W), dtype=like.dtype))
+    return out.copy_(_cf(img))
 
 
 @functools.lru_cache(maxsize=64)
@@ -112,6 +122,16 @@ def _outside_mask(H: int, W: int, K: int, device: torch.device) -> torch.Tensor:
 class _ShiftedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_rows, rel_cols, K, padding, scale):
+        with torch.autocast(q.device.type, enabled=False):  # dtypes are chosen here (fp32 inside for fp16 / bf16)
+            return _ShiftedAttention._forward(ctx, q, k, v, rel_rows, rel_cols, K, padding, scale)
+
+    @staticmethod
+    def backward(ctx, dout):
+        with torch.autocast(dout.device.type, enabled=False):
+            return _ShiftedAttention._backward(ctx, dout)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, rel_rows, rel_cols, K, padding, scale):
         B, H, W, h, d = q.shape
         r, c = K // 2, d // 2
         Wp = W + 2 * r
@@ -122,27 +142,27 @@ class _ShiftedAttention(torch.autograd.Function):
         logits = None  # (B, h, K*K, N), [..., a*K + b, :] = offset (a - r, b - r)
         if rel_rows is not None or rel_cols is not None:
             zero = qf.new_zeros(())
-            rows = torch.matmul(rel_rows.to(q.dtype), qf[:, :, :c]) if rel_rows is not None else zero  # (B, h, K, N)
-            cols = torch.matmul(rel_cols.to(q.dtype), qf[:, :, c:]) if rel_cols is not None else zero
+            rows = torch.matmul(rel_rows.to(qf.dtype), qf[:, :, :c]) if rel_rows is not None else zero  # (B,h,K,N)
+            cols = torch.matmul(rel_cols.to(qf.dtype), qf[:, :, c:]) if rel_cols is not None else zero
             logits = torch.add(rows[:, :, :, None] if rows.dim() else rows, cols[:, :, None, :] if cols.dim() else cols)
             logits = logits.expand(B, h, K, K, N).reshape(B, h, K * K, N)
         if k is not None:
             logits = _dots(qf, _keys(k, r), K, Wp, logits)
         if logits is None:
-            logits = q.new_zeros(B, h, K * K, N)
+            logits = qf.new_zeros(B, h, K * K, N)
         del qf
         if padding == "mask":
             logits.masked_fill_(_outside_mask(H, W, K, q.device), float("-inf"))
         probs = torch.softmax(logits, dim=2)  # (B, h, K*K, N)
         del logits
         starts = [a * Wp + b for a in range(K) for b in range(K)]
-        out = _gather(probs, _keys(v, r), starts, q.new_empty(B, h, d, N))
+        out = _gather(probs, _keys(v, r), starts, probs.new_empty(B, h, d, N))
         ctx.save_for_backward(q, k, v, rel_rows, rel_cols, probs)
         ctx.K, ctx.scale = K, scale
         return _crop(out, H, W, Wp, 0, 0, q)
 
     @staticmethod
-    def backward(ctx, dout):
+    def _backward(ctx, dout):
         q, k, v, rel_rows, rel_cols, probs = ctx.saved_tensors
         K, scale = ctx.K, ctx.scale
         B, H, W, h, d = q.shape
@@ -171,7 +191,7 @@ class _ShiftedAttention(torch.autograd.Function):
                 continue
             g = ds5.sum(dim)  # (B, h, K, N): gradient of the row (column) offset logits
             if need_q:
-                dqf[:, :, lo : lo + c] += torch.matmul(table.to(q.dtype).transpose(-1, -2), g)
+                dqf[:, :, lo : lo + c] += torch.matmul(table.to(qf.dtype).transpose(-1, -2), g)
             if need:
                 dt = torch.matmul(g, qf[:, :, lo : lo + c].transpose(-1, -2))  # (B, h, K, c)
                 dt = (dt.sum(0) if table.dim() == 3 else dt.sum((0, 1))).to(table.dtype)
