@@ -9,14 +9,15 @@ Status: complete.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ..functional import available_backends
+from .. import backends as _backends
 from ..models import create_model
-from .config import DTYPES, LABELS, BenchConfig
+from .config import LABELS, BenchConfig
 from .timing import is_oom, peak_mb, sync, time_ms
 
 
@@ -26,14 +27,30 @@ def _has_attention(model: torch.nn.Module) -> bool:
     return any(isinstance(m, SelfAttention2d) for m in model.modules())
 
 
+@contextlib.contextmanager
+def _record_backends():
+    """Collect the names of the backends the automatic choice picks while the block runs (per layer shape, some
+    backends decline some shapes)."""
+    used: set[str] = set()
+    original = _backends.default_for
+
+    def recording(q, **kwargs):
+        backend = original(q, **kwargs)
+        used.add(backend.name)
+        return backend
+
+    _backends.default_for = recording
+    try:
+        yield used
+    finally:
+        _backends.default_for = original
+
+
 def _measure(name: str, cfg: BenchConfig) -> dict:
     overrides = {"backend": cfg.backend} if cfg.backend else {}
     model = cfg.to_device(create_model(name, num_classes=1000, **overrides))
     row = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     attention = _has_attention(model)
-    if attention:
-        chosen = cfg.backend or (available_backends(cfg.device, DTYPES[cfg.dtype]) or ["?"])[0]
-        row["backend"] = LABELS.get(chosen, chosen) + ("" if cfg.backend else " (auto)")
     run = torch.compile(model) if cfg.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = cfg.to_device(torch.randn(cfg.model_batch, 3, cfg.model_image_size, cfg.model_image_size))
@@ -48,9 +65,14 @@ def _measure(name: str, cfg: BenchConfig) -> dict:
 
     model.train()
     t0 = time.perf_counter()
-    train_step()  # first call: compilation, kernel selection, allocator warm-up
+    with _record_backends() as used:
+        train_step()  # first call: compilation, kernel selection, allocator warm-up
     sync(cfg.device)
     row["first_step_s"] = time.perf_counter() - t0
+    if attention:
+        names = sorted(used) or [cfg.backend or _backends.env_default() or "?"]
+        how = "" if cfg.backend else " (SASA_BACKEND)" if _backends.env_default() else " (auto)"
+        row["backend"] = "+".join(LABELS.get(n, n) for n in names) + how
     row["train_ms"] = time_ms(train_step, cfg.device, warmup=cfg.model_warmup, repeats=cfg.model_repeats)
     row["train_img_s"] = cfg.model_batch / row["train_ms"]["median"] * 1e3
     row["peak_mb"] = peak_mb(train_step, cfg.device)
