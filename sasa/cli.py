@@ -124,6 +124,8 @@ def _add_bench(sub) -> None:
     g.add_argument("--model-batch", type=int, help="training / inference batch (default: 64 on GPU, 8 on CPU)")
     g.add_argument("--backend", help="force one attention backend in the models (default: automatic choice)")
     g.add_argument("--compile", action="store_true", help="wrap each model with torch.compile (first step compiles)")
+    g.add_argument("--profile", type=int, nargs="?", const=15, metavar="N",
+                   help="also print the top N operators of one training step per model (torch.profiler; default 15)")
     g = p.add_argument_group("measurement")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,

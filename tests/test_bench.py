@@ -26,7 +26,7 @@ def _stats_ok(stats):
 
 def test_bench_small_record(tmp_path, one_thread, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--small", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["bench", "--small", "--device", "cpu", "--profile", "3", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Layer:" in text and "Model:" in text and "unfold (reference)" in text
     record = json.loads(out.read_text())
@@ -57,6 +57,7 @@ def test_bench_small_record(tmp_path, one_thread, capsys):
         _stats_ok(r["infer_ms"])
         assert r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["peak_mb"] > 0 and r["params_m"] > 0
         assert r["vs_conv"] > 0
+        assert len(r["profile"]) == 3 and {"op", "self_ms", "share", "calls"} <= set(r["profile"][0])
     assert models[0]["backend"] is None and models[0]["vs_conv"] == 1.0
     assert models[1]["backend"].endswith("(auto)")
 

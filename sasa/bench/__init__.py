@@ -68,6 +68,7 @@ def config_from_args(args) -> BenchConfig:
         cfg.channels_last = args.channels_last
     cfg.skip_slow = args.skip_slow
     cfg.compile = args.compile
+    cfg.profile = args.profile or 0
     if cfg.device.type == "cpu" and cfg.dtype != "fp32":
         raise ValueError(f"--dtype {cfg.dtype}: CPU benchmarks run in fp32 only")
     return cfg

@@ -39,6 +39,7 @@ class BenchConfig:
     model_image_size: int = 256
     backend: str | None = None  # model mode: None = automatic choice
     compile: bool = False
+    profile: int = 0  # model mode: top-N operators of one training step (torch.profiler), 0 = off
     dtype: str = "bf16"
     channels_last: bool = True
     warmup: int = 5

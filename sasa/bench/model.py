@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import backends as _backends
 from ..models import create_model
 from .config import LABELS, BenchConfig
-from .timing import is_oom, peak_mb, sync, time_ms
+from .timing import is_oom, peak_mb, sync, time_ms, top_ops
 
 
 def _has_attention(model: torch.nn.Module) -> bool:
@@ -78,6 +78,8 @@ def _measure(name: str, cfg: BenchConfig) -> dict:
     row["peak_mb"] = peak_mb(train_step, cfg.device)
     if cfg.device.type == "cuda":
         row["peak_total_mb"] = torch.cuda.max_memory_allocated(cfg.device) / 2**20
+    if cfg.profile:
+        row["profile"] = top_ops(train_step, cfg.device, cfg.profile)
     model.eval()
 
     def infer():

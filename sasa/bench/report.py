@@ -55,6 +55,16 @@ def model_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_tables(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        if r.get("profile"):
+            out += ["", f"Top operators of one training step, {r['model']} (self time):"]
+            out += [f"  {p['self_ms']:10.1f} ms {100 * p['share']:5.1f}% {p['calls']:6d} calls  {p['op'][:70]}"
+                    for p in r["profile"]]
+    return out
+
+
 def render(result: dict) -> str:
     m = result["meta"]
     dirty = " (with local changes)" if m.get("dirty") else ""
@@ -73,6 +83,7 @@ def render(result: dict) -> str:
         out += ["", (f"Model: batch {mc['batch']}, {mc['image_size']}x{mc['image_size']}, training step = fwd + "
                      f"loss + bwd + SGD, warm-up {mc['warmup']}, {mc['repeats']} repeats"
                      f"{', torch.compile' if mc['compile'] else ''}"), model_table(result["model"])]
+        out += profile_tables(result["model"])
     return "\n".join(out)
 
 

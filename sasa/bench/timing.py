@@ -95,6 +95,21 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float:
     return peak / 2**20
 
 
+def top_ops(fn: Callable[[], object], device: torch.device, n: int) -> list[dict]:
+    """The ``n`` operators with the most self time (device time on GPU) in one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
+            for e in events[:n]]
+
+
 def git_commit() -> dict:
     """The commit of the source tree the package runs from, and whether that tree has local changes."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
