@@ -24,7 +24,6 @@ def _add_info(sub) -> None:
 
 def _run_info(args) -> int:
     from .info import model_table
-
     from .models import list_models
 
     if args.list:

@@ -19,7 +19,6 @@ after each section.
 Usage, from the repository root::
 
     python tools/gpu_check.py --out $OUT               # ~1-2 min on an H100 / H200, Triton compile included
-    python tools/gpu_check.py --out $OUT --sweep       # + tile-size sweep of each kernel (~2 more minutes)
     python tools/gpu_check.py --smoke --out /tmp/gc    # CPU plumbing check: Triton interpreter, tiny shapes
 """
 
@@ -80,7 +79,7 @@ class Check:
         self.args = args
         self.torch = torch
         self.device = torch.device("cpu" if args.smoke else "cuda")
-        self.results = {"meta": {}, "correctness": [], "timing": [], "sweep": [], "compile": []}
+        self.results = {"meta": {}, "correctness": [], "timing": [], "compile": []}
         os.makedirs(args.out, exist_ok=True)
         self.path = os.path.join(args.out, "gpu_check.json")
 
@@ -345,60 +344,6 @@ class Check:
         rec["ratio_triton_fb_to_shifted_fb"] = ms["triton_fb"] / ms["shifted_fb"]
         rec["ratio_triton_fwd_to_conv_fwd"] = ms["triton_fwd"] / ms["conv_fwd"]
 
-    def sweep(self):
-        """Tile budget x elements-per-thread for each kernel at the stage shapes; kernels timed one by one."""
-        from sasa.backends.triton_backend import kernels_for
-
-        tk = kernels_for(self.device)
-        saved = (dict(tk.TILE_ELEMS), dict(tk.ELEMS_PER_THREAD))
-        configs = [(1024, 8), (2048, 8), (2048, 16), (4096, 8), (4096, 16)]
-        if self.args.smoke:
-            configs = configs[:2]
-        stages = SMOKE_STAGES if self.args.smoke else STAGES
-        B = 1 if self.args.smoke else self.args.batch
-        reps = 1 if self.args.smoke else self.args.reps
-        log(f"\n== sweep: (TILE_ELEMS, ELEMS_PER_THREAD) per kernel, median ms; defaults {saved} ==")
-        for name, hw, C in stages:
-            try:
-                self.sweep_stage(tk, configs, name, hw, C, B, reps)
-            except Exception as e:  # noqa: BLE001
-                self.results["sweep"].append({"stage": name, "error": f"{type(e).__name__}: {e}"})
-                log(f"{name:8s} ERROR {type(e).__name__}: {e}")
-            finally:
-                tk.TILE_ELEMS.update(saved[0])
-                tk.ELEMS_PER_THREAD.update(saved[1])
-            self.save()
-
-    def sweep_stage(self, tk, configs, name, hw, C, B, reps):
-        qkv, rows, cols, g = self.stage_inputs(hw, C, B)
-        q, k, v = (t.detach() for t in qkv.unbind(3))
-        rows, cols = rows.detach(), cols.detach()
-        out, lse = tk.forward(q, k, v, rows, cols, 7, False, 1.0)
-
-        def fwd():
-            tk.forward(q, k, v, rows, cols, 7, False, 1.0)
-
-        def bwd_q():
-            tk.backward(g, q, k, v, out, lse, rows, cols, 7, False, 1.0, need_kv=False)
-
-        def bwd():
-            tk.backward(g, q, k, v, out, lse, rows, cols, 7, False, 1.0)
-
-        for elems, ept in configs:
-            rec = {"stage": name, "tile_elems": elems, "elems_per_thread": ept}
-            try:
-                for kind in tk.TILE_ELEMS:
-                    tk.TILE_ELEMS[kind], tk.ELEMS_PER_THREAD[kind] = elems, ept
-                rec["tiles"] = {kind: tk.tile_config(hw, hw, tk._next_pow2(C // 8), kind) for kind in tk.TILE_ELEMS}
-                rec["fwd"], rec["bwd_q"], rec["bwd"] = (self.timer(fn, reps) for fn in (fwd, bwd_q, bwd))
-                log(f"{name:8s} elems={elems:5d} ept={ept:2d} tiles={rec['tiles']} fwd="
-                    f"{rec['fwd']['median_ms']:.3f} bwd_q={rec['bwd_q']['median_ms']:.3f} "
-                    f"bwd={rec['bwd']['median_ms']:.3f}")
-            except Exception as e:  # noqa: BLE001
-                rec["error"] = f"{type(e).__name__}: {e}"
-                log(f"{name:8s} elems={elems} ept={ept} ERROR {rec['error']}")
-            self.results["sweep"].append(rec)
-
     def compile_check(self):
         """torch.compile(fullgraph=True) through the custom ops; inductor on CUDA, aot_eager in smoke mode."""
         import sasa
@@ -452,8 +397,7 @@ def meta(check) -> dict:
         "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name() if check.device.type == "cuda" else "cpu (Triton interpreter)",
         "capability": torch.cuda.get_device_capability() if check.device.type == "cuda" else None,
-        "tile_elems": dict(tk.TILE_ELEMS),
-        "elems_per_thread": dict(tk.ELEMS_PER_THREAD),
+        "tiles": {str(bd): cfg for bd, cfg in tk.TILES.items()},
     }
     return info
 
@@ -462,7 +406,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for gpu_check.json")
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes (plumbing)")
-    parser.add_argument("--sweep", action="store_true", help="also sweep tile sizes per kernel")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
@@ -487,20 +430,18 @@ def main(argv=None) -> int:
     m = check.results["meta"]
     log(f"device: {m['device']} (capability {m['capability']}); torch {m['torch']}, triton {m['triton']}, "
         f"cuda {m['cuda']}, python {m['python']}; commit {m['commit']}")
-    log(f"tiles: TILE_ELEMS={m['tile_elems']} ELEMS_PER_THREAD={m['elems_per_thread']}")
+    log(f"tiles (TH, TW, warps) per head_dim: {m['tiles']}  (sweep: tools/tile_sweep.py)")
     check.save()
     if not args.skip_correctness:
         check.correctness()
     if not args.skip_timing:
         check.timing()
-    if args.sweep:
-        check.sweep()
     if not args.skip_compile:
         check.compile_check()
     check.results["meta"]["total_seconds"] = round(time.time() - t0, 1)
     check.save()
     n_fail = sum(not r.get("passed", False) for r in check.results["correctness"] + check.results["compile"])
-    n_err = sum("error" in r for r in check.results["timing"] + check.results["sweep"])
+    n_err = sum("error" in r for r in check.results["timing"])
     log(f"\ndone in {time.time() - t0:.0f} s: {n_fail} correctness/compile failures, {n_err} timing errors; "
         f"results in {check.path}")
     return 1 if n_fail or n_err else 0

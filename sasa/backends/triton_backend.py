@@ -146,9 +146,13 @@ def triton_attention(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale):
     return out
 
 
+# looked up once: torch.compile cannot trace importlib, and the answer does not change while Python runs
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def _can_run(q, *, k=None, rel_rows=None, rel_cols=None, kernel_size=None, padding=None, device=None,
              **_) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_FOUND:
         return "Triton is not installed (pip install triton, Linux + CUDA)"
     dev = torch.device(device) if device is not None else q.device
     if dev.type == "cpu":

@@ -26,21 +26,25 @@ Borders: ``MASK=False`` ("zeros") keeps out-of-image offsets in the softmax with
 This module is plain Triton. ``triton_backend`` loads it lazily, once per mode: compiled for CUDA tensors,
 interpreted (``TRITON_INTERPRET=1``) for CPU tensors. Do not import it from elsewhere.
 
-Status: complete. Tile sizes were chosen from offline sm_90 compiles (registers / spills from ptxas), not yet
-from GPU timings: ``tools/gpu_check.py --sweep`` measures the alternatives.
+Status: complete; tile sizes measured on an H200 (``TILES``). Not yet at the hardware limit: each offset re-reads
+its shifted K / V tile through L1 (no shared-memory staging, no tensor cores), see BENCHMARKS.md.
 """
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-# Elements of one (pixels x padded head_dim) fp32 tile each kernel aims for; tiles adapt to head_dim.
-TILE_ELEMS = {"fwd": 2048, "bwd_q": 2048, "bwd_kv": 2048}
-# Elements of such a tile per thread (sets num_warps): fewer means fewer registers, more warps per tile.
-ELEMS_PER_THREAD = {"fwd": 8, "bwd_q": 8, "bwd_kv": 8}
-# Set to (TH, TW) (powers of two) to force a tile shape, e.g. from tests (multi-tile borders) or a sweep.
+# (TH, TW, num_warps) per padded head_dim and kernel, measured on an H200 (bf16, batch 64, K=7, ResNet-50 stage
+# shapes; tools/tile_sweep.py, BENCHMARKS.md). 8x8 tiles win almost everywhere: a 14x14 halo of K/V rows stays in
+# L1, where 16x16 tiles (the first guess) thrashed it and ran 3-4x slower at head_dim 8.
+TILES = {
+    8: {"fwd": (8, 8, 8), "bwd_q": (8, 8, 8), "bwd_kv": (8, 8, 8)},
+    16: {"fwd": (8, 8, 2), "bwd_q": (8, 16, 2), "bwd_kv": (8, 16, 2)},
+    32: {"fwd": (8, 8, 2), "bwd_q": (8, 8, 2), "bwd_kv": (8, 8, 2)},
+    64: {"fwd": (4, 8, 4), "bwd_q": (4, 8, 2), "bwd_kv": (4, 8, 2)},
+}
+# Set to (TH, TW) (powers of two) to force a tile shape, e.g. from tests (multi-tile borders).
 TILE_OVERRIDE = None
 
 
@@ -50,13 +54,13 @@ def _next_pow2(n: int) -> int:
 
 def tile_config(H: int, W: int, block_d: int, kind: str) -> tuple[int, int, int]:
     """``(TH, TW, num_warps)`` for a map of ``H x W`` and padded head_dim ``block_d``."""
+    th, tw, num_warps = TILES[min(max(block_d, 8), 64)][kind]
+    if block_d > 64:  # 128: halve the tile to keep the per-thread register tile of the 64 entry
+        th, num_warps = max(1, th // 2), max(num_warps, 4)
     if TILE_OVERRIDE is not None:
         th, tw = TILE_OVERRIDE
-    else:
-        pixels = max(16, min(256, TILE_ELEMS[kind] // block_d))
-        tw = min(_next_pow2(W), 1 << math.ceil(math.log2(pixels) / 2))  # squarish: 8x4, 8x8, 16x8, 16x16
-        th = min(_next_pow2(H), max(1, pixels // tw))
-    num_warps = max(1, min(8, th * tw * block_d // (32 * ELEMS_PER_THREAD[kind])))
+    th, tw = min(th, _next_pow2(H)), min(tw, _next_pow2(W))  # small maps: no empty tile rows / columns
+    num_warps = max(1, min(num_warps, th * tw * block_d // 32))  # at least one element per thread
     return th, tw, 1 << (num_warps.bit_length() - 1)
 
 

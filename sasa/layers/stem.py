@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 STEM_VALUES = ("spatial", "plain", "conv")
@@ -113,7 +112,10 @@ class AttentionStem(nn.Module):
 
         # 4D inputs: SDPA's fused kernels (CPU flash, CUDA flash / efficient) take only 4D; 6D falls back to the
         # unfused math path (1.5x slower fwd+bwd on CPU)
-        out = F.scaled_dot_product_attention(split(self.query(xb)), split(self.key(xb)), split(v), scale=self.scale)
+        # explicit 16 x 16 attention: SDPA's fused kernels (cuDNN) reject this many tiny sequences in bf16
+        q, k = split(self.query(xb)), split(self.key(xb))  # (B, Hb, Wb, heads, s*s, d)
+        attn = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1)  # (B, Hb, Wb, heads, s*s, s*s)
+        out = attn @ split(v)
         out = out.transpose(-2, -3).flatten(-2)  # (B*Hb*Wb, s*s, C_out)
         out = out.view(B, H // s, W // s, s, s, self.out_channels)  # (B, Hb, Wb, s, s, C_out)
         return out.permute(0, 5, 1, 3, 2, 4).reshape(B, self.out_channels, H, W)

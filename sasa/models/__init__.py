@@ -3,4 +3,4 @@
 from .registry import MODEL_INFO, create_model, list_models, register_model
 from .resnet import Bottleneck, ResNet
 
-__all__ = ["Bottleneck", "MODEL_INFO", "ResNet", "create_model", "list_models", "register_model"]
+__all__ = ["MODEL_INFO", "Bottleneck", "ResNet", "create_model", "list_models", "register_model"]

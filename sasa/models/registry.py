@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -1,0 +1,77 @@
+"""Tile-shape sweep of the Triton kernels at the ResNet-50 stage shapes (GPU only).
+
+Times forward and backward kernels (bf16, batch 64, 8 heads, K=7, fused QKV views) for explicit
+(TH, TW, num_warps) choices, so ``tile_config`` in ``sasa/backends/triton_kernels.py`` can be set from
+measurements. Usage: ``python tools/tile_sweep.py --out DIR [--stages 1,2]``. Writes ``DIR/tile_sweep.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from triton.testing import do_bench
+
+from sasa.backends.triton_backend import kernels_for
+
+STAGES = {1: (64, 64), 2: (32, 128), 3: (16, 256), 4: (8, 512)}
+TILES = {1: [(8, 8), (8, 16), (16, 16), (4, 32), (8, 32)], 2: [(4, 8), (8, 8), (8, 16), (16, 16)],
+         3: [(4, 4), (4, 8), (8, 8), (8, 16)], 4: [(2, 8), (4, 8), (8, 8)]}
+
+
+def time_kernels(tk, q, k, v, rows, cols, dout) -> dict:
+    """Median ms of the forward, the query-side backward kernel, and the whole backward."""
+    out, lse = tk.forward(q, k, v, rows, cols, 7, False, 1.0)
+    return {
+        "fwd_ms": do_bench(lambda: tk.forward(q, k, v, rows, cols, 7, False, 1.0), rep=40),
+        "bwd_q_ms": do_bench(lambda: tk.backward(dout, q, k, v, out, lse, rows, cols, 7, False, 1.0, need_kv=False),
+                             rep=40),
+        "bwd_ms": do_bench(lambda: tk.backward(dout, q, k, v, out, lse, rows, cols, 7, False, 1.0), rep=40),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", default="1,2,3,4")
+    parser.add_argument("--warps", default="2,4,8")
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    tk = kernels_for(dev)
+    original = tk.tile_config
+    results = []
+    t0 = time.time()
+    for stage in map(int, args.stages.split(",")):
+        hw, C = STAGES[stage]
+        heads, d = 8, C // 8
+        g = torch.Generator(device=dev).manual_seed(0)
+        qkv = torch.randn(64, hw, hw, 3, heads, d, device=dev, generator=g).bfloat16()
+        q, k, v = qkv.unbind(3)
+        rows = (torch.randn(7, d // 2, device=dev, generator=g) * 0.1).bfloat16()
+        cols = (torch.randn(7, d // 2, device=dev, generator=g) * 0.1).bfloat16()
+        dout = torch.randn(64, hw, hw, heads, d, device=dev, generator=g).bfloat16()
+        for th, tw in TILES[stage]:
+            for nw in map(int, args.warps.split(",")):
+                tk.tile_config = lambda H, W, bd, kind, c=(th, tw, nw): c
+                rec = {"stage": stage, "tile": [th, tw], "num_warps": nw}
+                try:
+                    rec.update(time_kernels(tk, q, k, v, rows, cols, dout))
+                except Exception as e:  # noqa: BLE001 - one bad config must not lose the rest
+                    rec["error"] = f"{type(e).__name__}: {e}"[:200]
+                results.append(rec)
+                print(json.dumps(rec), f"t={time.time() - t0:.0f}s", flush=True)
+        tk.tile_config = original
+        for key in ("fwd_ms", "bwd_q_ms", "bwd_ms"):
+            ok = [r for r in results if r["stage"] == stage and key in r]
+            if ok:
+                best = min(ok, key=lambda r: r[key])
+                print(f"stage {stage} best {key}: {best['tile']} warps {best['num_warps']} = {best[key]:.3f} ms")
+    with open(os.path.join(args.out, "tile_sweep.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
