@@ -28,7 +28,7 @@ def test_bench_small_record(tmp_path, one_thread, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--small", "--device", "cpu", "--profile", "3", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "Layer:" in text and "Model:" in text and "unfold (reference)" in text
+    assert "Layer (" in text and "Op (" in text and "Model:" in text and "unfold (reference)" in text
     record = json.loads(out.read_text())
 
     meta = record["meta"]
@@ -48,6 +48,10 @@ def test_bench_small_record(tmp_path, one_thread, capsys):
         assert r["peak_mb"] > 0
         assert r["fwd_vs_conv"] > 0 and r["fwd_bwd_vs_conv"] > 0
     assert all(r["fwd_bwd_vs_conv"] == 1.0 for r in layer if r["impl"] == "conv3x3")
+    op = record["op"]
+    assert [(r["shape"], r["impl"]) for r in op] == [(s, i if i == "conv3x3" else f"op {i}") for s in shapes
+                                                     for i in impls]
+    assert all(r["error"] is None and r["fwd_bwd_ms"]["median"] > 0 for r in op)
 
     models = record["model"]
     assert [r["model"] for r in models] == record["model_config"]["models"]
@@ -76,4 +80,6 @@ def test_bench_failing_backend_is_a_row(tmp_path, one_thread):
 def test_bench_bad_arguments(capsys):
     assert main(["bench", "--small", "--device", "cpu", "--shapes", "32x32"]) == 2
     assert "HxWxC" in capsys.readouterr().err
+    assert main(["bench", "--small", "--device", "cpu", "--mode", "layer,speed"]) == 2
+    assert "--mode" in capsys.readouterr().err
     assert main(["bench", "--small", "--device", "cpu", "--dtype", "bf16"]) == 2

@@ -2,6 +2,7 @@
 
 - ``layer``: each ResNet stage's 3x3 convolution against the full ``SelfAttention2d`` layer, once per backend
   (``sasa.bench.layer``);
+- ``op``: the same shapes with the bare op ``local_attention_2d`` instead of the layer (no projections);
 - ``model``: training-step and inference images/s and peak memory of the conv ResNet and its SASA variants
   (``sasa.bench.model``).
 
@@ -20,7 +21,7 @@ import sys
 
 import torch
 
-from .config import BenchConfig, preset, stage_shapes
+from .config import MODES, BenchConfig, preset, stage_shapes
 from .report import render, write_json
 from .timing import environment
 
@@ -47,8 +48,10 @@ def config_from_args(args) -> BenchConfig:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = preset(device, small=args.small)
-    if args.mode != "all":
-        cfg.modes = (args.mode,)
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    if not modes or any(m not in MODES + ("all",) for m in modes):
+        raise ValueError(f"--mode must be 'all' or a comma-separated subset of {', '.join(MODES)}, got {args.mode!r}")
+    cfg.modes = MODES if "all" in modes else tuple(m for m in MODES if m in modes)
     if args.image_size is not None:
         cfg.image_size = args.image_size
         cfg.shapes = stage_shapes(args.image_size)
@@ -78,13 +81,16 @@ def run(cfg: BenchConfig, *, command: str = "", log=print) -> dict:
     """Run the configured modes; returns the JSON-ready record (``meta``, ``layer`` and / or ``model`` rows)."""
     dtype = cfg.dtype if cfg.dtype == "fp32" else f"{cfg.dtype} autocast"
     result = {"meta": environment(cfg.device, dtype=dtype, channels_last=cfg.channels_last, command=command)}
-    if "layer" in cfg.modes:
+    if "layer" in cfg.modes or "op" in cfg.modes:
         from .layer import layer_rows
 
         result["layer_config"] = {"batch": cfg.batch, "image_size": cfg.image_size, "kernel_size": cfg.kernel_size,
                                   "heads": cfg.heads, "warmup": cfg.warmup, "repeats": cfg.repeats,
                                   "shapes": ["x".join(map(str, s)) for s in cfg.shapes]}
-        result["layer"] = layer_rows(cfg, log=log)
+    if "layer" in cfg.modes:
+        result["layer"] = layer_rows(cfg, log=lambda s: log("  layer" + s))
+    if "op" in cfg.modes:
+        result["op"] = layer_rows(cfg, log=lambda s: log("  op   " + s), op=True)
     if "model" in cfg.modes:
         from .model import model_rows
 

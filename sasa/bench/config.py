@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+MODES = ("layer", "op", "model")  # run order; "all" = every mode
 SLOW_BACKENDS = ("reference",)  # the unfold oracle: k*k copies of K and V
 LABELS = {"reference": "unfold (reference)"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -26,7 +27,7 @@ class BenchConfig:
     """Everything one ``sasa bench`` run measures (see ``preset`` for the defaults per device)."""
 
     device: torch.device
-    modes: tuple[str, ...] = ("layer", "model")
+    modes: tuple[str, ...] = MODES
     batch: int = 64
     shapes: list[tuple[int, int, int]] = field(default_factory=lambda: stage_shapes(256))
     kernel_size: int = 7

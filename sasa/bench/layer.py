@@ -1,5 +1,6 @@
 """Layer mode: the 3x3 convolution of each ResNet stage against the full ``SelfAttention2d`` layer that replaces
-it (fused QKV projection included), once per backend, measured in the same run.
+it (fused QKV projection included), once per backend, measured in the same run. Op mode: the same with the bare
+op ``local_attention_2d`` (q, k, v strided views of one fused tensor, as the layer passes them) instead of the layer.
 
 Forward is timed under ``torch.inference_mode``; forward+backward computes the gradients of the input and of
 every parameter from a fixed upstream gradient. Ratios are ``time / conv3x3 time`` of the same shape.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional import available_backends
+from ..functional import available_backends, local_attention_2d
 from ..layers.attention import SelfAttention2d
 from .config import DTYPES, LABELS, SLOW_BACKENDS, BenchConfig
 from .timing import is_oom, peak_mb, time_ms
@@ -22,10 +23,29 @@ from .timing import is_oom, peak_mb, time_ms
 UNFOLD_MEMORY_FACTOR = 6.0
 
 
-def _measure(make: callable, x_shape: tuple, cfg: BenchConfig) -> dict:
+class _Op(nn.Module):
+    """The bare op ``local_attention_2d`` on q, k, v viewed from one fused ``(B, 3C, H, W)`` tensor, as
+    ``SelfAttention2d`` passes them (projections not included), with shared relative tables."""
+
+    def __init__(self, channels: int, kernel_size: int, heads: int, backend: str) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.kernel_size, self.backend = heads, channels // heads, kernel_size, backend
+        self.rel_rows = nn.Parameter(torch.randn(kernel_size, self.head_dim // 2) / self.head_dim**0.5)
+        self.rel_cols = nn.Parameter(torch.randn(kernel_size, self.head_dim // 2) / self.head_dim**0.5)
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        if qkv.stride(1) == 1:  # channels_last memory
+            q, k, v = qkv.permute(0, 2, 3, 1).unflatten(3, (3, self.heads, self.head_dim)).unbind(3)
+        else:
+            q, k, v = (t.permute(0, 3, 4, 1, 2) for t in qkv.unflatten(1, (3, self.heads, self.head_dim)).unbind(1))
+        return local_attention_2d(q, k, v, self.rel_rows, self.rel_cols, kernel_size=self.kernel_size,
+                                  backend=self.backend)
+
+
+def _measure(make: callable, x_shape: tuple, cfg: BenchConfig, *, x_dtype: torch.dtype = torch.float32) -> dict:
     """Forward ms, forward+backward ms and peak MB of ``make()`` on a random input of ``x_shape``."""
     module = cfg.to_device(make())
-    x = cfg.to_device(torch.randn(x_shape))
+    x = cfg.to_device(torch.randn(x_shape, dtype=x_dtype))
     with torch.inference_mode(), cfg.autocast():
         fwd = time_ms(lambda: module(x), cfg.device, warmup=cfg.warmup, repeats=cfg.repeats)
     x.requires_grad_(True)
@@ -57,8 +77,9 @@ def _guard(backend: str, B: int, H: int, W: int, C: int, cfg: BenchConfig) -> st
     return None
 
 
-def layer_rows(cfg: BenchConfig, log=print) -> list[dict]:
-    """One row per (shape, implementation): the conv3x3 first, then each attention backend."""
+def layer_rows(cfg: BenchConfig, log=print, *, op: bool = False) -> list[dict]:
+    """One row per (shape, implementation): the conv3x3 first, then each attention backend, as the full
+    ``SelfAttention2d`` layer or (``op=True``) the bare op on q, k, v in the compute dtype (no projections)."""
     backends = cfg.backends or available_backends(cfg.device, DTYPES[cfg.dtype])
     if cfg.skip_slow:
         backends = [b for b in backends if b not in SLOW_BACKENDS]
@@ -68,8 +89,12 @@ def layer_rows(cfg: BenchConfig, log=print) -> list[dict]:
         base = {"shape": shape, "batch": cfg.batch, "height": H, "width": W, "channels": C,
                 "kernel_size": cfg.kernel_size, "heads": cfg.heads}
         impls = [("conv3x3", None, lambda C=C: nn.Conv2d(C, C, 3, padding=1, bias=False))]
-        impls += [(LABELS.get(b, b), b, lambda C=C, b=b: SelfAttention2d(C, C, cfg.kernel_size, heads=cfg.heads,
-                                                                         backend=b)) for b in backends]
+        if op:
+            impls += [(f"op {LABELS.get(b, b)}", b, lambda C=C, b=b: _Op(C, cfg.kernel_size, cfg.heads, b))
+                      for b in backends]
+        else:
+            impls += [(LABELS.get(b, b), b, lambda C=C, b=b: SelfAttention2d(C, C, cfg.kernel_size, heads=cfg.heads,
+                                                                             backend=b)) for b in backends]
         conv = None
         for label, backend, make in impls:
             row = {**base, "impl": label, "backend": backend, "error": None}
@@ -78,7 +103,10 @@ def layer_rows(cfg: BenchConfig, log=print) -> list[dict]:
                 row["error"] = reason
             else:
                 try:
-                    row.update(_measure(make, (cfg.batch, C, H, W), cfg))
+                    if op and backend:  # q, k, v in the compute dtype, as a projection under autocast makes them
+                        row.update(_measure(make, (cfg.batch, 3 * C, H, W), cfg, x_dtype=DTYPES[cfg.dtype]))
+                    else:
+                        row.update(_measure(make, (cfg.batch, C, H, W), cfg))
                 except Exception as err:  # noqa: BLE001  (a failing backend is a row, not a crash)
                     row["error"] = "OOM" if is_oom(err) else f"{type(err).__name__}: {err}".splitlines()[0][:200]
                     if cfg.device.type == "cuda":
@@ -94,7 +122,7 @@ def layer_rows(cfg: BenchConfig, log=print) -> list[dict]:
 
 
 def _progress(row: dict) -> str:
-    head = f"  layer {row['shape']:>12} {row['impl']:<20}"
+    head = f"  {row['shape']:>12} {row['impl']:<23}"
     if row["error"]:
         return f"{head} {row['error']}"
     return f"{head} fwd {row['fwd_ms']['median']:8.3f} ms  fwd+bwd {row['fwd_bwd_ms']['median']:8.3f} ms"

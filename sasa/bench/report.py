@@ -25,14 +25,14 @@ def _cpu(stats: dict | None) -> str:
 
 def layer_table(rows: list[dict]) -> str:
     cpu = any("cpu_median" in (r.get("fwd_bwd_ms") or {}) for r in rows)
-    header = (f"{'shape (HxWxC)':<14} {'impl':<20} {'fwd ms median [min-max]':>28} {'fwd+bwd ms median [min-max]':>30}"
+    header = (f"{'shape (HxWxC)':<14} {'impl':<22} {'fwd ms median [min-max]':>28} {'fwd+bwd ms median [min-max]':>30}"
               + (f" {'f+b cpu ms':>10}" if cpu else "") + f" {'peak MB':>9} {'fwd/conv':>8} {'f+b/conv':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         if r["error"]:
-            lines.append(f"{r['shape']:<14} {r['impl']:<20} {r['error']}")
+            lines.append(f"{r['shape']:<14} {r['impl']:<22} {r['error']}")
             continue
-        lines.append(f"{r['shape']:<14} {r['impl']:<20} {_ms(r['fwd_ms']):>28} {_ms(r['fwd_bwd_ms']):>30}"
+        lines.append(f"{r['shape']:<14} {r['impl']:<22} {_ms(r['fwd_ms']):>28} {_ms(r['fwd_bwd_ms']):>30}"
                      + (f" {_cpu(r['fwd_bwd_ms']):>10}" if cpu else "")
                      + f" {r['peak_mb']:>9.1f} {_ratio(r.get('fwd_vs_conv')):>8} {_ratio(r.get('fwd_bwd_vs_conv')):>8}")
     return "\n".join(lines)
@@ -76,8 +76,13 @@ def render(result: dict) -> str:
                    f"(cpu ms = process CPU time per call, all threads)")
     if "layer" in result:
         lc = result["layer_config"]
-        out += ["", (f"Layer: batch {lc['batch']}, k={lc['kernel_size']}, {lc['heads']} heads, "
-                     f"warm-up {lc['warmup']}, {lc['repeats']} repeats"), layer_table(result["layer"])]
+        out += ["", (f"Layer (SelfAttention2d incl. projections): batch {lc['batch']}, k={lc['kernel_size']}, "
+                     f"{lc['heads']} heads, warm-up {lc['warmup']}, {lc['repeats']} repeats"),
+                layer_table(result["layer"])]
+    if "op" in result:
+        lc = result["layer_config"]
+        out += ["", (f"Op (local_attention_2d alone, q/k/v views of one fused tensor): batch {lc['batch']}, "
+                     f"k={lc['kernel_size']}, {lc['heads']} heads"), layer_table(result["op"])]
     if "model" in result:
         mc = result["model_config"]
         out += ["", (f"Model: batch {mc['batch']}, {mc['image_size']}x{mc['image_size']}, training step = fwd + "
