@@ -10,9 +10,20 @@ Status: complete.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks (its backward sums the gradients over ranks too)."""
+    from torch.distributed.nn.functional import all_reduce as _all_reduce
+
+    with warnings.catch_warnings():  # deprecated in favour of a private module; still the public autograd op
+        warnings.simplefilter("ignore", FutureWarning)
+        return _all_reduce(tensor)
 
 
 class DistributedBatchNorm2d(nn.BatchNorm2d):
@@ -21,8 +32,6 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         self._check_input_dim(x)
         count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
         n = all_reduce(count)  # global number of values per channel
