@@ -1,17 +1,18 @@
 """The ``shifted`` backend: k*k shifted slices of one padded, flattened buffer, with a hand-written backward.
 
 Nothing is unfolded. Each (batch, head) plane is kept channels-first, zero-padded by r = k//2 and flattened with
-the padded row length ``Wp = W + 2r``: the key of query pixel ``n = i * Wp + j`` at window offset ``(a, b)`` then
-sits at flat index ``n + a * Wp + b`` of the padded K/V buffer, so every window offset is one *contiguous* slice
-(queries are padded to width ``Wp`` too; the 2r extra columns per row are computed and dropped, and because q
-and dout are zero there they add nothing to any gradient). Per pass:
+the row pitch ``P = W + r`` (one r-wide zero gap between rows serves as the right padding of a row and the left
+padding of the next): the key of query pixel ``n = i * P + j`` at window offset ``(a, b)`` then sits at flat index
+``n + a * P + b`` of the padded K/V buffer, so every window offset is one *contiguous* slice (queries use the same
+pitch; the r extra columns per row are computed and dropped, and because q and dout are zero there they add
+nothing to any gradient). Per pass:
 
 - logits ``sum_d q * k_window``: one ``addcmul_`` per channel d over all k*k offsets at once (a strided view
-  of the padded K whose (a, b, n) strides are (Wp, 1, 1)), which streams the logits instead of K;
+  of the padded K whose (a, b, n) strides are (P, 1, 1)), which streams the logits instead of K;
 - ``out = sum_o p_o * v_o`` and the backward's gathers / scatters: one ``addcmul_`` per offset on contiguous
   slices.
 
-Autograd saves q, k, v (views, no copies) and the softmax probabilities ``(B, heads, k*k, H*Wp)``; the backward
+Autograd saves q, k, v (views, no copies) and the softmax probabilities ``(B, heads, k*k, H*P)``; the backward
 recomputes the rest. Peak memory is about twice the probabilities plus a few padded ``(B, H, W, heads, head_dim)``
 buffers, against k*k copies of K and V (and their gradients) for unfold.
 
@@ -42,31 +43,40 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _geometry(H: int, W: int, K: int) -> tuple[int, int, int]:
+    """(r, P, rows): window radius, row pitch and rows of the padded K/V buffer (r zero rows on top, r plus enough
+    spare rows below that the last query's last window offset is in range)."""
+    r = K // 2
+    P = W + r
+    return r, P, H + 2 * r + -(-2 * r // P)
+
+
 def _queries(x: torch.Tensor, r: int) -> torch.Tensor:
-    """(B, H, W, h, d) -> (B, h, d, H * Wp): channels-first, right-padded to the padded row length."""
+    """(B, H, W, h, d) -> (B, h, d, H * P): channels-first, right-padded to the row pitch."""
     B, H, W, h, d = x.shape
-    return F.pad(_cf(x).to(_compute_dtype(x.dtype)), (0, 2 * r)).view(B, h, d, H * (W + 2 * r))
+    return F.pad(_cf(x).to(_compute_dtype(x.dtype)), (0, r)).view(B, h, d, H * (W + r))
 
 
 def _keys(x: torch.Tensor, r: int) -> torch.Tensor:
-    """(B, H, W, h, d) -> (B, h, d, (H + 2r + 1) * Wp): padded by r (one spare row so every slice is in range)."""
-    B, _, _, h, d = x.shape
-    return F.pad(_cf(x).to(_compute_dtype(x.dtype)), (r, r, r, r + 1)).view(B, h, d, -1)
+    """(B, H, W, h, d) -> (B, h, d, rows * P): r zero columns left of every row, r zero rows above, spare rows below."""
+    B, H, W, h, d = x.shape
+    rows = _geometry(H, W, 2 * r + 1)[2]
+    return F.pad(_cf(x).to(_compute_dtype(x.dtype)), (r, 0, r, rows - H - r)).view(B, h, d, -1)
 
 
-def _window(xp: torch.Tensor, channel: int, K: int, Wp: int, N: int) -> torch.Tensor:
-    """View ``(B, h, K, K, N)`` of one channel of a padded buffer: ``[..., a, b, n] = xp[..., channel, n + a*Wp + b]``."""
+def _window(xp: torch.Tensor, channel: int, K: int, P: int, N: int) -> torch.Tensor:
+    """View ``(B, h, K, K, N)`` of one channel of a padded buffer: ``[..., a, b, n] = xp[..., channel, n + a*P + b]``."""
     s = xp.stride()
-    return xp.as_strided((xp.shape[0], xp.shape[1], K, K, N), (s[0], s[1], Wp, 1, 1),
+    return xp.as_strided((xp.shape[0], xp.shape[1], K, K, N), (s[0], s[1], P, 1, 1),
                          xp.storage_offset() + channel * s[2])
 
 
-def _dots(x: torch.Tensor, yp: torch.Tensor, K: int, Wp: int, acc: torch.Tensor | None = None) -> torch.Tensor:
+def _dots(x: torch.Tensor, yp: torch.Tensor, K: int, P: int, acc: torch.Tensor | None = None) -> torch.Tensor:
     """(B, h, K*K, N): sum over channels of x (B, h, d, N) times the windows of yp (B, h, d, L), added to ``acc``
     (in place) if given."""
     B, h, d, N = x.shape
     for c in range(d):
-        term = (x[:, :, c, None, None, :], _window(yp, c, K, Wp, N))
+        term = (x[:, :, c, None, None, :], _window(yp, c, K, P, N))
         if acc is None:
             acc = x.new_empty(B, h, K * K, N)
             torch.mul(*term, out=acc.view(B, h, K, K, N))
@@ -95,12 +105,12 @@ def _scatter(w: torch.Tensor, x: torch.Tensor, starts: list[int], L: int) -> tor
     return acc
 
 
-def _crop(buf: torch.Tensor, H: int, W: int, Wp: int, row0: int, col0: int, like: torch.Tensor) -> torch.Tensor:
-    """Flat padded ``(B, h, d, rows * Wp)`` -> its ``(B, H, W, h, d)`` image from (row0, col0), copied in ``like``'s
+def _crop(buf: torch.Tensor, H: int, W: int, P: int, row0: int, col0: int, like: torch.Tensor) -> torch.Tensor:
+    """Flat padded ``(B, h, d, rows * P)`` -> its ``(B, H, W, h, d)`` image from (row0, col0), copied in ``like``'s
     dtype and memory order: channels-last if ``like`` has a unit channel stride, else channels-first (NCHW for the
     layer)."""
     B, h, d, _ = buf.shape
-    img = buf.view(B, h, d, -1, Wp)[..., row0 : row0 + H, col0 : col0 + W]  # (B, h, d, H, W) view
+    img = buf.view(B, h, d, -1, P)[..., row0 : row0 + H, col0 : col0 + W]  # (B, h, d, H, W) view
     if like.stride(-1) == 1:
         out = buf.new_empty((B, H, W, h, d), dtype=like.dtype)
     else:
@@ -110,13 +120,12 @@ def _crop(buf: torch.Tensor, H: int, W: int, Wp: int, row0: int, col0: int, like
 
 @functools.lru_cache(maxsize=64)
 def _outside_mask(H: int, W: int, K: int, device: torch.device) -> torch.Tensor:
-    """(K*K, H*Wp) bool: True where the window position falls outside the image (never for the padding columns)."""
-    r = K // 2
-    Wp = W + 2 * r
-    inside = F.pad(torch.ones(H, W, device=device), (r, r, r, r + 1)).flatten()
-    mask = inside.as_strided((K, K, H, Wp), (Wp, 1, Wp, 1)) == 0  # [a, b, i, j] = inside[(i + a) * Wp + j + b]
+    """(K*K, H*P) bool: True where the window position falls outside the image (never for the padding columns)."""
+    r, P, rows = _geometry(H, W, K)
+    inside = F.pad(torch.ones(H, W, device=device), (r, 0, r, rows - H - r)).flatten()
+    mask = inside.as_strided((K, K, H, P), (P, 1, P, 1)) == 0  # [a, b, i, j] = inside[(i + a) * P + j + b]
     mask[..., W:] = False  # padding queries: keep them finite
-    return mask.reshape(K * K, H * Wp)
+    return mask.reshape(K * K, H * P)
 
 
 class _ShiftedAttention(torch.autograd.Function):
@@ -133,9 +142,9 @@ class _ShiftedAttention(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, q, k, v, rel_rows, rel_cols, K, padding, scale):
         B, H, W, h, d = q.shape
-        r, c = K // 2, d // 2
-        Wp = W + 2 * r
-        N = H * Wp
+        c = d // 2
+        r, P, _ = _geometry(H, W, K)
+        N = H * P
         qf = _queries(q, r)  # (B, h, d, N), a fresh buffer
         if scale != 1.0:
             qf *= scale  # scale * (q.k + q.r) = (scale q).k + (scale q).r
@@ -147,7 +156,7 @@ class _ShiftedAttention(torch.autograd.Function):
             logits = torch.add(rows[:, :, :, None] if rows.dim() else rows, cols[:, :, None, :] if cols.dim() else cols)
             logits = logits.expand(B, h, K, K, N).reshape(B, h, K * K, N)
         if k is not None:
-            logits = _dots(qf, _keys(k, r), K, Wp, logits)
+            logits = _dots(qf, _keys(k, r), K, P, logits)
         if logits is None:
             logits = qf.new_zeros(B, h, K * K, N)
         del qf
@@ -155,25 +164,24 @@ class _ShiftedAttention(torch.autograd.Function):
             logits.masked_fill_(_outside_mask(H, W, K, q.device), float("-inf"))
         probs = torch.softmax(logits, dim=2)  # (B, h, K*K, N)
         del logits
-        starts = [a * Wp + b for a in range(K) for b in range(K)]
+        starts = [a * P + b for a in range(K) for b in range(K)]
         out = _gather(probs, _keys(v, r), starts, probs.new_empty(B, h, d, N))
         ctx.save_for_backward(q, k, v, rel_rows, rel_cols, probs)
         ctx.K, ctx.scale = K, scale
-        return _crop(out, H, W, Wp, 0, 0, q)
+        return _crop(out, H, W, P, 0, 0, q)
 
     @staticmethod
     def _backward(ctx, dout):
         q, k, v, rel_rows, rel_cols, probs = ctx.saved_tensors
         K, scale = ctx.K, ctx.scale
         B, H, W, h, d = q.shape
-        r, c = K // 2, d // 2
-        Wp = W + 2 * r
-        N = H * Wp
-        L = (H + 2 * r + 1) * Wp
-        starts = [a * Wp + b for a in range(K) for b in range(K)]
+        c = d // 2
+        r, P, rows = _geometry(H, W, K)
+        N, L = H * P, rows * P
+        starts = [a * P + b for a in range(K) for b in range(K)]
         need_q, need_k, need_v, need_rows, need_cols = ctx.needs_input_grad[:5]
         dof = _queries(dout, r)  # (B, h, d, N), zero in the padding columns
-        ds = _dots(dof, _keys(v, r), K, Wp)  # dL/dprobs
+        ds = _dots(dof, _keys(v, r), K, P)  # dL/dprobs
         ds = torch._softmax_backward_data(ds, probs, 2, probs.dtype)  # dL/dlogits
         if scale != 1.0:
             ds *= scale
@@ -182,9 +190,9 @@ class _ShiftedAttention(torch.autograd.Function):
         if need_q:
             dqf = _gather(ds, _keys(k, r), starts, torch.empty_like(qf)) if k is not None else torch.zeros_like(qf)
         if k is not None and need_k:
-            dk = _crop(_scatter(ds, qf, starts, L), H, W, Wp, r, r, q)
+            dk = _crop(_scatter(ds, qf, starts, L), H, W, P, r, r, q)
         if need_v:
-            dv = _crop(_scatter(probs, dof, starts, L), H, W, Wp, r, r, q)
+            dv = _crop(_scatter(probs, dof, starts, L), H, W, P, r, r, q)
         ds5 = ds.view(B, h, K, K, N)
         for table, dim, lo, need in ((rel_rows, 3, 0, need_rows), (rel_cols, 2, c, need_cols)):
             if table is None:
@@ -200,7 +208,7 @@ class _ShiftedAttention(torch.autograd.Function):
                 else:
                     dcols = dt
         if need_q:
-            dq = _crop(dqf, H, W, Wp, 0, 0, q)
+            dq = _crop(dqf, H, W, P, 0, 0, q)
         return dq, dk, dv, drows, dcols, None, None, None
 
 
