@@ -19,6 +19,7 @@ Status: complete.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,6 +27,31 @@ import torch.nn.functional as F
 from torch import nn
 
 STEM_VALUES = ("spatial", "plain", "conv")
+
+
+# CUDA grids cap a launch's y / z dimension (where SDPA kernels put batch and heads) at 65535
+_MAX_SEQS = 65535
+
+
+def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over many tiny sequences, ``(B, N, L, d)`` each.
+
+    On CUDA, cuDNN's SDPA rejected this shape in bf16 on an H200 (N ~ 16k-100k sequences of 16 tokens), so the
+    flash / memory-efficient kernels are asked for by name, N is cut to the grid limit, and the explicit two-matmul
+    form (slow: tiny batched GEMMs) is the fallback. On CPU, SDPA's own choice (its flash kernel) is used.
+    """
+    context = contextlib.nullcontext()
+    if q.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        context = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    try:
+        with context:
+            parts = [F.scaled_dot_product_attention(*chunk, scale=scale)
+                     for chunk in zip(*(t.split(_MAX_SEQS, dim=1) for t in (q, k, v)))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    except RuntimeError:  # no fused kernel for this dtype / shape: the explicit form always works
+        return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
 
 
 class AttentionStem(nn.Module):
@@ -108,16 +134,13 @@ class AttentionStem(nn.Module):
             v = self._blocks(self.value(x))
         d = self.out_channels // self.heads
 
-        def split(t):  # (B, Hb, Wb, s*s, C_out) -> (B*Hb*Wb, heads, s*s, d), a view
-            return t.unflatten(-1, (self.heads, d)).transpose(-2, -3).flatten(0, 2)
+        def fold(t):  # (B, Hb, Wb, s*s, C_out) -> (B, Hb*Wb*heads, s*s, d): every block-head is one sequence
+            return t.unflatten(-1, (self.heads, d)).transpose(-2, -3).flatten(1, 3)
 
-        q, k, v = split(self.query(xb)), split(self.key(xb)), split(v)  # (B*Hb*Wb, heads, s*s, d) each
-        if x.device.type == "cpu":  # SDPA's CPU flash kernel takes 4D views: 1.5x faster fwd+bwd than the math path
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        else:  # explicit: cuDNN's SDPA rejected this many (B*Hb*Wb) tiny sequences in bf16 on an H200
-            out = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1) @ v  # (B*Hb*Wb, heads, s*s, d)
-        out = out.transpose(-2, -3).flatten(-2)  # (B*Hb*Wb, s*s, C_out)
-        out = out.view(B, H // s, W // s, s, s, self.out_channels)  # (B, Hb, Wb, s, s, C_out)
+        q, k, v = fold(self.query(xb)), fold(self.key(xb)), fold(v)
+        out = _block_attention(q, k, v, self.scale)  # (B, Hb*Wb*heads, s*s, d)
+        out = out.unflatten(1, (H // s, W // s, self.heads)).transpose(-2, -3)  # (B, Hb, Wb, s*s, heads, d)
+        out = out.reshape(B, H // s, W // s, s, s, self.out_channels)  # (B, Hb, Wb, s, s, C_out)
         return out.permute(0, 5, 1, 3, 2, 4).reshape(B, self.out_channels, H, W)
 
     def extra_repr(self) -> str:
