@@ -19,7 +19,6 @@ Status: complete.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -29,29 +28,17 @@ from torch import nn
 STEM_VALUES = ("spatial", "plain", "conv")
 
 
-# CUDA grids cap a launch's y / z dimension (where SDPA kernels put batch and heads) at 65535
-_MAX_SEQS = 65535
-
-
 def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v over many tiny sequences, ``(B, N, L, d)`` each.
 
-    On CUDA, cuDNN's SDPA rejected this shape in bf16 on an H200 (N ~ 16k-100k sequences of 16 tokens), so the
-    flash / memory-efficient kernels are asked for by name, N is cut to the grid limit, and the explicit two-matmul
-    form (slow: tiny batched GEMMs) is the fallback. On CPU, SDPA's own choice (its flash kernel) is used.
+    On CPU, SDPA (its flash kernel). On CUDA the explicit two-matmul form, the one path seen to work there: on an
+    H200, cuDNN's SDPA rejected this shape in bf16 (N ~ 16k sequences of 16 tokens), and the flash /
+    memory-efficient kernels asked for by name hit an illegal memory access inside a sasa_resnet50 training step.
+    It runs as tiny batched GEMMs, the stem's main cost on GPU (BENCHMARKS.md).
     """
-    context = contextlib.nullcontext()
-    if q.device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        context = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
-    try:
-        with context:
-            parts = [F.scaled_dot_product_attention(*chunk, scale=scale)
-                     for chunk in zip(*(t.split(_MAX_SEQS, dim=1) for t in (q, k, v)))]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    except RuntimeError:  # no fused kernel for this dtype / shape: the explicit form always works
-        return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
 
 
 class AttentionStem(nn.Module):
