@@ -28,7 +28,8 @@ from .layers.stem import AttentionStem
 def attention_macs(layer: SelfAttention2d, height: int, width: int) -> int:
     """Multiply-adds of one ``SelfAttention2d`` on a ``height x width`` input."""
     terms = 1 + int(layer.query_key) + int(layer.positional == "relative")
-    per_pixel = layer.num_proj * layer.in_channels * layer.out_channels + terms * layer.kernel_size**2 * layer.out_channels
+    projections = layer.num_proj * layer.in_channels * layer.out_channels
+    per_pixel = projections + terms * layer.kernel_size**2 * layer.out_channels
     return per_pixel * height * width
 
 
