@@ -23,7 +23,8 @@ from sasa.engine.checkpoint import load_safetensors
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "test_resnet", "--dataset", "synthetic", "--train-subset", "320", "--batch-size", "32",
         "--epochs", "2", "--checkpoint-every", "5", "--log-every", "5", "--threads", "1", "--seed", "3",
-        "--ema-decay", "0.9", "--quiet"]  # 10 steps per epoch; mid-epoch checkpoints at steps 5, 15
+        "--ema-decay", "0.9", "--optimizer", "sgd", "--lr", "0.1", "--quiet"]
+# 10 steps per epoch; mid-epoch checkpoints at steps 5, 15; one loader worker (the default) in every run
 
 
 def _env() -> dict:
@@ -132,7 +133,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     --sync-bn) shows up as ~0.5."""
     args = ["--model", "test_resnet", "--dataset", "synthetic", "--train-subset", "64", "--val-subset", "64",
             "--batch-size", "32", "--epochs", "2", "--lr", "0.05", "--warmup-epochs", "0", "--threads", "1",
-            "--seed", "1", "--ema-decay", "0.5", "--sync-bn", "--quiet"]
+            "--seed", "1", "--ema-decay", "0.5", "--sync-bn", "--optimizer", "sgd", "--workers", "0", "--quiet"]
     one = _sasa("train", *args, "--output", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr + one.stdout
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -222,7 +223,8 @@ def test_config_errors_fail_before_any_work(tmp_path, capsys):
 def test_non_finite_loss_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "nan"
     rc = main(["train", "--model", "test_resnet", "--dataset", "synthetic", "--train-subset", "128", "--batch-size",
-               "32", "--epochs", "3", "--lr", "1e30", "--warmup-epochs", "0", "--momentum", "0", "--checkpoint-every",
+               "32", "--epochs", "3", "--optimizer", "sgd", "--lr", "1e30", "--warmup-epochs", "0", "--momentum", "0",
+               "--checkpoint-every",
                "1", "--threads", "1", "--quiet", "--output", str(run)])
     out = capsys.readouterr().out
     assert rc == 1 and "non-finite training loss at epoch" in out and "global step" in out

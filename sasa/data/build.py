@@ -22,7 +22,7 @@ from .transforms import imagenet_transform, small_image_transform
 
 DATASETS = ("fashion-mnist", "imagefolder", "cifar10", "cifar100", "synthetic")
 DEFAULT_IMAGE_SIZE = {"fashion-mnist": 32, "imagefolder": 224, "cifar10": 32, "cifar100": 32, "synthetic": 32}
-DEFAULT_AUGMENT = {"fashion-mnist": "crop-flip", "imagefolder": "inception", "cifar10": "crop-flip",
+DEFAULT_AUGMENT = {"fashion-mnist": "flip", "imagefolder": "inception", "cifar10": "crop-flip",
                    "cifar100": "crop-flip", "synthetic": "crop-flip"}
 SYNTHETIC_SIZES = {"train": 2048, "test": 512}
 

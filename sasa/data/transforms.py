@@ -5,6 +5,7 @@ Augmentation policies (``augment``):
   CIFAR, synthetic);
 - ``"inception"``: Inception-style ``RandomResizedCrop`` + horizontal flip (the paper's ImageNet recipe; SPEC
   section 5); evaluation resizes to ``image_size / 0.875`` and centre-crops;
+- ``"flip"``: horizontal flip only (the lightest augmentation; the Fashion-MNIST demo's, whose budget is 2 epochs);
 - ``"none"``: the evaluation transform for training too.
 
 Small-image datasets are zero-padded symmetrically to ``image_size`` (28 -> 32 for Fashion-MNIST, so every
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-AUGMENTS = ("crop-flip", "inception", "none")
+AUGMENTS = ("crop-flip", "inception", "flip", "none")
 
 
 def _finish(mean: tuple[float, ...], std: tuple[float, ...]) -> list:
@@ -46,6 +47,8 @@ def small_image_transform(*, train: bool, augment: str, source_size: int, image_
         ops += [v2.RandomCrop(image_size, padding=crop_padding), v2.RandomHorizontalFlip()]
     elif train and augment == "inception":
         ops += [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    elif train and augment == "flip":
+        ops.append(v2.RandomHorizontalFlip())
     return v2.Compose(ops + _finish(mean, std)[1:])
 
 
@@ -59,6 +62,8 @@ def imagenet_transform(*, train: bool, augment: str, image_size: int, mean: tupl
     elif train and augment == "crop-flip":
         ops = [v2.Resize(image_size, antialias=True), v2.RandomCrop(image_size, padding=image_size // 8),
                v2.RandomHorizontalFlip()]
+    elif train and augment == "flip":
+        ops = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), v2.RandomHorizontalFlip()]
     else:
         ops = [v2.Resize(round(image_size / crop_fraction), antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose([v2.ToImage(), *ops, *_finish(mean, std)[1:]])

@@ -24,13 +24,18 @@ from typing import Any, Union
 import yaml
 
 DATASETS = ("fashion-mnist", "imagefolder", "cifar10", "cifar100", "synthetic")
-AUGMENTS = ("crop-flip", "inception", "none")
+AUGMENTS = ("crop-flip", "inception", "flip", "none")
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "off")
 DEVICES = ("cpu", "cuda")
 # Keys a resumed run may change; anything else would make the resumed run a different experiment.
 RESUMABLE_OVERRIDES = ("epochs", "quiet", "workers", "threads", "checkpoint_every", "log_every", "device",
                        "eval_every", "compile")
+
+
+# The Fashion-MNIST demo's model (configs/default.yaml and TRAINING.md say why each value).
+DEMO_MODEL_ARGS = {"width_multiplier": 0.25, "heads": 4, "kernel_size": 7, "padding": "mask",
+                   "zero_init_residual": True}
 
 
 class ConfigError(ValueError):
@@ -47,7 +52,7 @@ class TrainConfig:
 
     # model
     model: str = _f("sasa_resnet26_convstem", "registered model name (sasa info --list)")
-    model_args: dict = field(default_factory=lambda: {"width_multiplier": 0.25, "heads": 4}, metadata={
+    model_args: dict = field(default_factory=lambda: dict(DEMO_MODEL_ARGS), metadata={
         "help": "create_model overrides, e.g. width_multiplier=0.5 heads=8 (in_chans is set from the data; these "
                 "defaults apply to the default model only)", "choices": None, "flag": True})
     # data
@@ -60,16 +65,16 @@ class TrainConfig:
     train_subset: int | None = _f(None, "use only the first N training images")
     val_subset: int | None = _f(None, "use only the first N validation images")
     max_bad_fraction: float = _f(0.001, "fraction of unreadable images tolerated (skipped and counted) before failing")
-    workers: int = _f(0, "DataLoader worker processes per rank")
+    workers: int = _f(1, "DataLoader worker processes per rank")
     # optimisation
-    epochs: int = _f(3, "training epochs")
+    epochs: int = _f(2, "training epochs")
     batch_size: int = _f(128, "global batch size (split evenly across ranks)")
-    optimizer: str = _f("sgd", "optimizer (sgd = Nesterov momentum SGD)", choices=OPTIMIZERS)
-    lr: float = _f(0.2, "peak learning rate at batch size lr_base_batch (or at batch_size when that is unset)")
+    optimizer: str = _f("adamw", "optimizer (sgd = Nesterov momentum SGD)", choices=OPTIMIZERS)
+    lr: float = _f(0.003, "peak learning rate at batch size lr_base_batch (or at batch_size when that is unset)")
     lr_base_batch: int | None = _f(None, "if set, lr scales linearly: lr * batch_size / lr_base_batch")
     momentum: float = _f(0.9, "SGD momentum (adamw: beta1)")
     nesterov: bool = _f(True, "Nesterov momentum for SGD")
-    weight_decay: float = _f(5e-5, "weight decay (not applied to norms, biases, relative/stem embeddings)")
+    weight_decay: float = _f(0.05, "weight decay (not applied to norms, biases, relative/stem embeddings)")
     warmup_epochs: float = _f(0.3, "linear warm-up epochs, then cosine decay")
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of the peak")
     label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy")
@@ -81,7 +86,7 @@ class TrainConfig:
     channels_last: bool | None = _f(None, "channels-last memory format (default: on for CUDA)")
     compile: bool = _f(False, "torch.compile the model")
     sync_bn: bool = _f(False, "synchronise BatchNorm statistics across ranks (DDP)")
-    threads: int | None = _f(None, "torch CPU threads per process (default: torch's choice)")
+    threads: int | None = _f(1, "torch CPU threads per process (null: torch's choice)")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     # run directory
     output: str | None = _f(None, "run directory (default: runs/<model>-<dataset>-<time>)")
