@@ -1,0 +1,206 @@
+"""RetinaNet builders for SPEC section 4: SASA backbones from ``sasa.models`` x conv or attention FPN + heads.
+
+Paper: Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019, table 5 (COCO, RetinaNet).
+Everything is torchvision's: the backbone is a registered ``sasa.models`` ResNet (imported, never copied), wrapped
+by the public ``BackboneWithFPN`` (C3-C5 -> P3-P5) with ``LastLevelP6P7`` computing P6 from **P5**, as
+torchvision's ``retinanet_resnet50_fpn`` (v1) does; ``RetinaNet`` brings the anchors, matching, focal and box
+losses, transform and post-processing. ``heads="attention"`` swaps the FPN's 3x3 convolutions, P6/P7 and the
+class/box subnets for the attention versions of ``sasa.detection.heads``.
+
+Frozen BN and trainable layers follow torchvision: with ``weights_backbone`` (an ImageNet checkpoint of
+``sasa train``) the backbone uses ``FrozenBatchNorm2d`` and trains its last 3 stages by default; without it,
+``nn.BatchNorm2d`` and all 5. The input transform defaults to the paper's 640 px (``min_size=max_size=640``,
+torchvision's default is 800/1333); every other keyword goes to ``torchvision.models.detection.RetinaNet``.
+
+Parameter and FLOP counts (``detector_table``, ``sasa info --detection``) beside the paper's table: FLOPs are
+counted with ``sasa.flops.count_flops`` (conv/linear by hooks, ``SelfAttention2d`` by ``attention_macs``) on one
+fixed ``image_size`` x ``image_size`` input through backbone, FPN and heads; resize, anchors, decoding and NMS
+are not counted. The paper does not state the image size of its FLOP counts; we use 640 x 640, its crop size.
+
+Status: complete.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ..engine.checkpoint import CheckpointError, load_state_dict_checked, read_weights
+from ..flops import count_flops, count_params
+from ..models import create_model, list_models
+from .heads import AttentionP6P7, AttentionRetinaNetHead, attention_fpn_
+
+HEADS = ("conv", "attention")
+
+# SPEC section 4 (COCO val): name -> backbone, FPN + heads, paper GFLOPs, params (M), mAP, AP50, AP75
+DETECTORS: dict[str, dict] = {
+    "retinanet_resnet50": {"backbone": "resnet50", "heads": "conv", "paper": (182, 33.4, 36.5, 54.3, 39.0)},
+    "retinanet_sasa_resnet50_convstem": {"backbone": "sasa_resnet50_convstem", "heads": "conv",
+                                         "paper": (173, 25.9, 36.8, 54.6, 39.3)},
+    "retinanet_sasa_resnet50": {"backbone": "sasa_resnet50", "heads": "conv", "paper": (173, 25.9, 36.2, 54.0, 38.7)},
+    "retinanet_sasa_resnet50_convstem_attnheads": {"backbone": "sasa_resnet50_convstem", "heads": "attention",
+                                                   "paper": (111, 22.0, 36.6, 54.3, 39.1)},
+    "retinanet_sasa_resnet50_attnheads": {"backbone": "sasa_resnet50", "heads": "attention",
+                                          "paper": (110, 22.0, 36.6, 54.5, 39.2)},
+}
+BACKBONE_LABELS = {"resnet50": "baseline", "sasa_resnet50_convstem": "conv-stem + attention",
+                   "sasa_resnet50": "full attention"}
+
+
+def _trainable_layers(trainable_backbone_layers: int | None, pretrained: bool) -> int:
+    """torchvision's rule: 3 by default with pretrained weights, always 5 (with a warning) without."""
+    if trainable_backbone_layers is not None and not 0 <= trainable_backbone_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in [0, 5], got {trainable_backbone_layers}")
+    if not pretrained:
+        if trainable_backbone_layers not in (None, 5):
+            warnings.warn(f"trainable_backbone_layers={trainable_backbone_layers} has no effect without "
+                          "weights_backbone; training all 5 (as torchvision does)", stacklevel=3)
+        return 5
+    return 3 if trainable_backbone_layers is None else trainable_backbone_layers
+
+
+def freeze_backbone_(backbone: nn.Module, trainable_layers: int) -> None:
+    """Freeze all but the last ``trainable_layers`` of conv1, layer1..layer4 (torchvision's rule, bn1 with 5)."""
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        train.append("bn1")
+    for name, param in backbone.named_parameters():
+        if not any(name.startswith(prefix) for prefix in train):
+            param.requires_grad_(False)
+
+
+def load_backbone_weights_(backbone: nn.Module, path: str | os.PathLike, *, name: str) -> None:
+    """Load an ImageNet classification checkpoint of ``sasa train`` into ``backbone``, in place.
+
+    The classifier (``fc.*``) is ignored; ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are
+    stripped. Any other missing, unexpected or mis-shaped key raises ``CheckpointError`` naming the keys.
+
+    Args:
+        backbone: a ``sasa.models`` ResNet.
+        path: a ``.safetensors`` file, or a checkpoint with a ``'model'`` state dict.
+        name: the backbone's registered name, checked against the checkpoint's ``meta['model']`` when present.
+    """
+    state, meta = read_weights(path)
+    source = f"backbone weights {str(path)!r}"
+    if meta.get("model") not in (None, name):
+        raise CheckpointError(f"{source} were trained for model {meta['model']!r}, but backbone={name!r}")
+    own = backbone.state_dict()
+    clean = {k: v for k, v in state.items()
+             if not k.startswith("fc.") and (k in own or not k.endswith("num_batches_tracked"))}
+    clean.update({k: v for k, v in own.items() if k.startswith("fc.")})
+    load_state_dict_checked(backbone, clean, source=f"{source} (for backbone {name!r})")
+
+
+def create_detector(backbone: str = "resnet50", heads: str = "conv", num_classes: int = 80, *,
+                    weights_backbone: str | os.PathLike | None = None, trainable_backbone_layers: int | None = None,
+                    frozen_bn: bool | None = None, fpn_channels: int = 256, returned_layers: Sequence[int] = (2, 3, 4),
+                    attention_kernel_size: int = 7, attention_heads: int = 8, predictor_kernel_size: int = 3,
+                    backbone_overrides: dict | None = None, **kwargs) -> RetinaNet:
+    """A torchvision ``RetinaNet`` on a ``sasa.models`` backbone with conv or attention FPN + heads.
+
+    Args:
+        backbone: any registered model name; the paper's rows use ``"resnet50"``, ``"sasa_resnet50_convstem"``
+            and ``"sasa_resnet50"``; the tiny ``"test_resnet"`` / ``"test_sasa_resnet"`` serve the tests.
+        heads: ``"conv"`` (RetinaNet's) or ``"attention"`` (attention FPN, P6/P7 and class/box subnets).
+        num_classes: object classes (sigmoid focal loss: no background class; 80 for COCO).
+        weights_backbone: an ImageNet checkpoint of ``sasa train`` (``.safetensors`` or a dict with ``'model'``).
+        trainable_backbone_layers: 0-5 trainable stages from the top; torchvision's defaults.
+        frozen_bn: ``FrozenBatchNorm2d`` in the backbone; default: True with ``weights_backbone``, else False.
+        fpn_channels: FPN and head width (256 in the paper).
+        returned_layers: backbone stages feeding the FPN (2, 3, 4 -> P3-P5, then P6, P7).
+        attention_kernel_size, attention_heads: window and heads of the attention FPN/heads (7, 8).
+        predictor_kernel_size: prediction layer of the attention heads, 3 (default) or 1 (see ``heads``).
+        backbone_overrides: extra ``sasa.models.create_model`` overrides (e.g. ``{"kernel_size": 5}``).
+        **kwargs: ``torchvision.models.detection.RetinaNet`` arguments (``min_size``, ``max_size``,
+            ``anchor_generator``, ``score_thresh``, ``detections_per_img``, ...).
+    """
+    if backbone not in list_models():
+        raise ValueError(f"backbone must be a registered model, got {backbone!r}; valid: {', '.join(list_models())}")
+    if heads not in HEADS:
+        raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    returned_layers = tuple(returned_layers)
+    if not returned_layers or any(k not in (1, 2, 3, 4) for k in returned_layers):
+        raise ValueError(f"returned_layers must be drawn from (1, 2, 3, 4), got {returned_layers!r}")
+    if heads == "attention" and "head" in kwargs:
+        raise ValueError("heads='attention' builds its own head; do not pass head=")
+    pretrained = weights_backbone is not None
+    trainable = _trainable_layers(trainable_backbone_layers, pretrained)
+    frozen = pretrained if frozen_bn is None else bool(frozen_bn)
+    norm_layer = FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+    body = create_model(backbone, num_classes=1000, norm_layer=norm_layer, **(backbone_overrides or {}))
+    if pretrained:
+        load_backbone_weights_(body, weights_backbone, name=backbone)
+    freeze_backbone_(body, trainable)
+
+    in_channels = [getattr(body, f"layer{k}")[-1].conv3.out_channels for k in returned_layers]
+    return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned_layers)}
+    if heads == "attention":
+        extra = AttentionP6P7(fpn_channels, kernel_size=attention_kernel_size, heads=attention_heads)
+    else:
+        extra = LastLevelP6P7(fpn_channels, fpn_channels)
+    fpn_backbone = BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra)
+    if heads == "attention":
+        attention_fpn_(fpn_backbone.fpn, kernel_size=attention_kernel_size, heads=attention_heads)
+
+    kwargs.setdefault("min_size", 640)
+    kwargs.setdefault("max_size", 640)
+    model = RetinaNet(fpn_backbone, num_classes, **kwargs)
+    if heads == "attention":
+        model.head = AttentionRetinaNetHead(fpn_channels, model.anchor_generator.num_anchors_per_location()[0],
+                                            num_classes, kernel_size=attention_kernel_size, heads=attention_heads,
+                                            predictor_kernel_size=predictor_kernel_size)
+    return model
+
+
+def detector_from_name(name: str, num_classes: int = 80, **kwargs) -> RetinaNet:
+    """One of SPEC section 4's five rows by name (``list(DETECTORS)``)."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; valid: {', '.join(DETECTORS)}")
+    cfg = DETECTORS[name]
+    return create_detector(cfg["backbone"], cfg["heads"], num_classes, **kwargs)
+
+
+class _DenseForward(nn.Module):
+    """Backbone + FPN + heads of a RetinaNet on an already-normalised batch (what the FLOP count measures)."""
+
+    def __init__(self, detector: RetinaNet) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = list(self.detector.backbone(x).values())  # P3..P7, (B, C, H / 2**l, W / 2**l)
+        return self.detector.head(features)
+
+
+def detector_flops(model: RetinaNet, image_size: int | tuple[int, int] = 640) -> int:
+    """FLOPs (2 per multiply-add) of backbone, FPN and heads on one ``image_size`` image (see module docstring)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return count_flops(_DenseForward(model), (1, 3, h, w))
+
+
+def detector_table(*, image_size: int = 640, num_classes: int = 80, flops: bool = True) -> str:
+    """SPEC section 4's five rows: our params (M) and GFLOPs beside the paper's params, GFLOPs and mAP."""
+    header = (f"{'FPN + heads':<11} {'backbone':<22} {'params (M)':>10} {'GFLOPs':>7} {'paper params':>12} "
+              f"{'paper GFLOPs':>12} {'paper mAP':>9}")
+    lines = [header, "-" * len(header)]
+    for cfg in DETECTORS.values():
+        model = create_detector(cfg["backbone"], cfg["heads"], num_classes)
+        params = count_params(model) / 1e6
+        gflops = f"{detector_flops(model, image_size) / 1e9:>7.1f}" if flops else f"{'-':>7}"
+        p_gflops, p_params, p_map = cfg["paper"][:3]
+        lines.append(f"{cfg['heads']:<11} {BACKBONE_LABELS.get(cfg['backbone'], cfg['backbone']):<22} "
+                     f"{params:>10.2f} {gflops} {p_params:>12} {p_gflops:>12} {p_map:>9}")
+    lines.append(f"ours: {num_classes} classes, BN weights counted, GFLOPs at {image_size}x{image_size} (backbone + "
+                 "FPN + heads, a multiply-add = 2)")
+    lines.append("paper: Ramachandran et al. 2019 table 5, COCO val (SPEC section 4); its FLOP image size is not stated")
+    return "\n".join(lines)
