@@ -1,0 +1,292 @@
+"""COCO-format detection data: an images folder + an instances JSON -> ``(image, target)`` for torchvision's RetinaNet.
+
+``CocoDetection`` reads the JSON with pycocotools and images with PIL; targets are
+``{"boxes": (N, 4) float xyxy pixels, "labels": (N,) int64 in [0, num_classes), "image_id": int}``. COCO's sparse
+category ids (1..90 with gaps) map to contiguous labels in id order (``cat_ids[label]`` maps back, for COCOeval).
+
+Bad inputs are repaired or skipped, counted, and reported once as a warning naming the file (``report`` keeps the
+counts): annotations with unknown category ids, malformed or non-finite boxes, and zero-area boxes are dropped;
+boxes reaching outside the image are clipped (dropped when nothing is left); crowd regions are kept out of the
+training targets (COCOeval still uses them); images listed in the JSON but missing on disk are skipped; images
+without annotations stay as background-only samples (``skip_empty=True`` drops them). A missing JSON or images
+folder, invalid JSON, or a JSON without categories raises an error naming the path.
+
+Transforms are torchvision's ``transforms.v2`` (boxes move with the pixels): training is the paper's recipe,
+horizontal flip, multiscale jitter (``ScaleJitter``: fit in ``image_size`` then scale by U(0.8, 1.2), the TPU
+RetinaNet default; the paper does not give the range), a random ``image_size`` crop padded to that size, and
+``SanitizeBoundingBoxes``; evaluation keeps the image as is and lets the model resize it (longer side 640).
+
+``write_shapes_coco`` writes a tiny synthetic COCO-format dataset (coloured rectangles, discs and crosses with
+their boxes) for tests and smoke runs.
+
+Status: complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+PROBLEMS = {
+    "missing_files": "images listed but missing on disk (skipped)",
+    "unknown_category": "annotations with a category id not in 'categories' (dropped)",
+    "malformed": "annotations with a malformed or non-finite bbox (dropped)",
+    "zero_area": "zero-area boxes (dropped)",
+    "outside": "boxes entirely outside the image (dropped)",
+    "clipped": "boxes reaching outside the image (clipped)",
+    "empty_images": "images without usable annotations",
+}
+
+
+def _load_coco(ann_file: Path):
+    from pycocotools.coco import COCO
+
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file {str(ann_file)!r} does not exist")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"annotation file {str(ann_file)!r} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(  # noqa: TRY004  (a bad file is a bad value, like the JSON error above)
+            f"annotation file {str(ann_file)!r} is not COCO format: expected a dict with an 'images' list")
+    if not data.get("categories"):
+        raise ValueError(f"annotation file {str(ann_file)!r} has no 'categories': the class list is needed")
+    anns = data.setdefault("annotations", [])
+    for i, ann in enumerate(anns):  # fields COCOeval reads, for hand-made files that leave them out
+        ann.setdefault("id", i + 1)
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann and _xyxy(ann.get("bbox")) is not None:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+def _xyxy(bbox) -> tuple[float, float, float, float] | None:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return None
+    return x, y, x + w, y + h
+
+
+class CocoDetection(Dataset):
+    """Detection samples from a COCO-format dataset.
+
+    Args:
+        root: folder holding the images (``file_name`` in the JSON is relative to it).
+        ann_file: the instances JSON.
+        transforms: a ``transforms.v2`` callable on ``(image, target)``; ``None`` gives float images in [0, 1].
+        skip_empty: drop images without usable annotations (for training; COCOeval wants them all).
+        warn: report repaired and skipped inputs as one warning.
+    """
+
+    def __init__(self, root: str | os.PathLike, ann_file: str | os.PathLike, *, transforms=None,
+                 skip_empty: bool = False, warn: bool = True) -> None:
+        self.root, self.ann_file = Path(root), Path(ann_file)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
+        self.coco = _load_coco(self.ann_file)
+        cats = self.coco.dataset["categories"]
+        ids = [c.get("id") for c in cats]
+        if len(set(ids)) != len(ids) or not all(isinstance(i, int) for i in ids):
+            raise ValueError(f"annotation file {str(self.ann_file)!r}: category ids must be unique ints, got {ids}")
+        self.cat_ids = sorted(ids)
+        names = {c["id"]: str(c.get("name", c["id"])) for c in cats}
+        self.cat_names = [names[i] for i in self.cat_ids]
+        self.cat_to_label = {cid: i for i, cid in enumerate(self.cat_ids)}
+        self.transforms = transforms if transforms is not None else eval_transforms()
+        self.report: Counter = Counter()
+        self.ids: list[int] = []
+        self.boxes: dict[int, list[tuple[tuple[float, float, float, float], int]]] = {}
+        self._invalid: set[int] = set()
+        for img_id in sorted(self.coco.imgs):
+            info = self.coco.imgs[img_id]
+            if not (self.root / str(info.get("file_name", ""))).is_file():
+                self.report["missing_files"] += 1
+                continue
+            items = self._clean(info, self.coco.imgToAnns.get(img_id, []))
+            if not items:
+                self.report["empty_images"] += 1
+                if skip_empty:
+                    continue
+            self.ids.append(img_id)
+            self.boxes[img_id] = items
+        if self._invalid:  # COCOeval must not count annotations no detector could match
+            data = self.coco.dataset
+            data["annotations"] = [a for a in data["annotations"] if a["id"] not in self._invalid]
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco.createIndex()
+        if warn and any(self.report[k] for k in PROBLEMS):
+            lines = [f"{n} {PROBLEMS[k]}" for k, n in self.report.items() if n]
+            warnings.warn(f"{self.ann_file}: " + "; ".join(lines), stacklevel=2)
+        if not self.ids:
+            raise ValueError(f"no usable images: {len(self.coco.imgs)} listed in {str(self.ann_file)!r}, "
+                             f"{self.report['missing_files']} missing under {str(self.root)!r}"
+                             + (", the rest without annotations (skip_empty=True)" if skip_empty else ""))
+
+    def _clean(self, info: dict, anns: list[dict]) -> list[tuple[tuple[float, float, float, float], int]]:
+        """Valid (xyxy box, label) training pairs of one image, clipped to the JSON's width/height when present.
+
+        Invalid annotations (unknown category, malformed, zero-area, outside) are also marked for removal from
+        the ground truth COCOeval uses; valid ones stay there unclipped, as in the official evaluation.
+        """
+        width, height = info.get("width"), info.get("height")
+        sized = isinstance(width, (int, float)) and isinstance(height, (int, float))
+        out = []
+        for ann in anns:
+            problem, box = None, _xyxy(ann.get("bbox"))
+            if ann.get("category_id") not in self.cat_to_label:
+                problem = "unknown_category"
+            elif box is None:
+                problem = "malformed"
+            elif box[2] <= box[0] or box[3] <= box[1]:
+                problem = "zero_area"
+            elif sized:
+                x1, y1, x2, y2 = box
+                clip = (max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
+                if clip[2] <= clip[0] or clip[3] <= clip[1]:
+                    problem = "outside"
+                else:
+                    if max(clip[0] - x1, clip[1] - y1, x2 - clip[2], y2 - clip[3]) > 1.0:  # ignore rounding
+                        self.report["clipped"] += 1
+                    box = clip
+            if problem:
+                self.report[problem] += 1
+                self._invalid.add(ann["id"])
+            elif not ann.get("iscrowd", 0):  # crowd regions: for COCOeval only
+                out.append((box, self.cat_to_label[ann["category_id"]]))
+        return out
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """The uint8 RGB image ``(3, H, W)`` of sample ``index``."""
+        info = self.coco.imgs[self.ids[index]]
+        path = self.root / info["file_name"]
+        try:
+            with Image.open(path) as image:
+                return pil_to_tensor(image.convert("RGB"))
+        except OSError as err:  # PIL's UnidentifiedImageError is an OSError
+            raise OSError(f"cannot read image {str(path)!r} (image id {info['id']}): {err}") from err
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        img_id = self.ids[index]
+        image = self.load_image(index)
+        h, w = image.shape[-2:]
+        items = self.boxes[img_id]
+        boxes = torch.tensor([b for b, _ in items], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([lab for _, lab in items], dtype=torch.int64)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)  # the JSON's width/height may disagree with the file
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w)),
+            "labels": labels[keep],
+            "image_id": img_id,
+        }
+        image, target = self.transforms(tv_tensors.Image(image), target)
+        target["boxes"] = target["boxes"].as_subclass(torch.Tensor).reshape(-1, 4)
+        return image.as_subclass(torch.Tensor), target
+
+
+def train_transforms(image_size: int = 640, scale_range: tuple[float, float] = (0.8, 1.2), hflip: float = 0.5):
+    """Flip, multiscale jitter, ``image_size`` crop (padded), box sanitising, float in [0, 1]."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(hflip),
+        v2.ScaleJitter((image_size, image_size), scale_range=tuple(scale_range)),
+        v2.RandomCrop(image_size, pad_if_needed=True),
+        v2.SanitizeBoundingBoxes(min_size=1.0),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+def eval_transforms():
+    """Float image in [0, 1], no geometry (the model's transform resizes)."""
+    return v2.ToDtype(torch.float32, scale=True)
+
+
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Lists of images and targets (RetinaNet takes images of different sizes)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+SHAPES = {1: "rectangle", 3: "disc", 7: "cross"}  # sparse ids on purpose, like COCO's
+_COLOURS = {1: (230, 60, 40), 3: (40, 200, 70), 7: (60, 90, 240)}
+
+
+def write_shapes_coco(root: str | os.PathLike, num_images: int = 64, *, image_size: int = 96,
+                      max_objects: int = 3, min_box: int = 16, max_box: int = 44, seed: int = 0,
+                      ann_name: str = "instances.json") -> Path:
+    """Write a synthetic COCO-format dataset of coloured shapes on noise; returns the JSON's path.
+
+    Images are ``root/images/NNNNN.png``; categories are ``SHAPES`` (ids 1, 3, 7); 1 to ``max_objects``
+    non-overlapping objects per image, sides drawn from [``min_box``, ``max_box``] pixels.
+    """
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    images, annotations = [], []
+    yy, xx = torch.meshgrid(torch.arange(image_size), torch.arange(image_size), indexing="ij")
+    for i in range(num_images):
+        img = (torch.rand(3, image_size, image_size, generator=g) * 60 + 70).to(torch.uint8)
+        n = int(torch.randint(1, max_objects + 1, (1,), generator=g))
+        placed: list[tuple[int, int, int, int]] = []
+        for _ in range(20 * n):  # rejection sampling: objects do not overlap
+            if len(placed) == n:
+                break
+            cat = list(SHAPES)[int(torch.randint(0, len(SHAPES), (1,), generator=g))]
+            w, h = (int(v) for v in torch.randint(min_box, max_box + 1, (2,), generator=g))
+            x0 = int(torch.randint(0, image_size - w + 1, (1,), generator=g))
+            y0 = int(torch.randint(0, image_size - h + 1, (1,), generator=g))
+            if any(x0 < bx + bw and bx < x0 + w and y0 < by + bh and by < y0 + h for bx, by, bw, bh in placed):
+                continue
+            placed.append((x0, y0, w, h))
+            inside = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)
+            if SHAPES[cat] == "disc":
+                cx, cy = x0 + (w - 1) / 2, y0 + (h - 1) / 2
+                inside = ((xx - cx) / (w / 2)) ** 2 + ((yy - cy) / (h / 2)) ** 2 <= 1.0
+            elif SHAPES[cat] == "cross":
+                bar_w, bar_h = max(2, w // 3), max(2, h // 3)
+                cx, cy = x0 + w // 2, y0 + h // 2
+                inside = inside & (((xx - cx).abs() <= bar_w // 2) | ((yy - cy).abs() <= bar_h // 2))
+            colour = torch.tensor(_COLOURS[cat], dtype=torch.float32)
+            colour = (colour + torch.randn(3, generator=g) * 15).clamp(0, 255).to(torch.uint8)
+            img[:, inside] = colour[:, None]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat,
+                                "bbox": [x0, y0, w, h], "area": float(w * h), "iscrowd": 0})
+        name = f"{i:05d}.png"
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / "images" / name)
+        images.append({"id": i + 1, "file_name": name, "width": image_size, "height": image_size})
+    cats = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in SHAPES.items()]
+    ann_path = root / ann_name
+    with open(ann_path, "w", encoding="utf-8") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": cats}, f)
+    return ann_path
