@@ -183,3 +183,14 @@ def test_stem_block_attention_matches_explicit():
     q, k, v = (torch.randn(2, 20, 16, 8, generator=g) for _ in range(3))
     expected = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1) @ v
     torch.testing.assert_close(_block_attention(q, k, v, 0.5), expected)
+
+
+@pytest.mark.parametrize("backend", sasa.available_backends("cpu"))
+def test_inplace_relu_after_layer(backend):
+    """An in-place ReLU right after a stride-1 layer (as converted models may have) works like after a conv."""
+    torch.manual_seed(0)
+    layer = SelfAttention2d(8, 8, 3, heads=2, backend=backend)
+    x = torch.randn(1, 8, 5, 5, requires_grad=True)
+    torch.relu_(layer(x)).sum().backward()
+    expected = torch.autograd.grad(torch.relu(layer(x)).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)

@@ -105,17 +105,17 @@ def _scatter(w: torch.Tensor, x: torch.Tensor, starts: list[int], L: int) -> tor
     return acc
 
 
-def _crop(buf: torch.Tensor, H: int, W: int, P: int, row0: int, col0: int, like: torch.Tensor) -> torch.Tensor:
+def _crop(buf: torch.Tensor, H: int, W: int, P: int, row0: int, col0: int, like: torch.Tensor, *,
+          as_base: bool = False) -> torch.Tensor:
     """Flat padded ``(B, h, d, rows * P)`` -> its ``(B, H, W, h, d)`` image from (row0, col0), copied in ``like``'s
     dtype and memory order: channels-last if ``like`` has a unit channel stride, else channels-first (NCHW for the
-    layer)."""
+    layer). ``as_base``: a channels-first result is returned as its own ``(B, h, d, H, W)`` tensor, not a view."""
     B, h, d, _ = buf.shape
     img = buf.view(B, h, d, -1, P)[..., row0 : row0 + H, col0 : col0 + W]  # (B, h, d, H, W) view
     if like.stride(-1) == 1:
-        out = buf.new_empty((B, H, W, h, d), dtype=like.dtype)
-    else:
-        out = _cf(buf.new_empty((B, h, d, H, W), dtype=like.dtype))
-    return out.copy_(_cf(img))
+        return buf.new_empty((B, H, W, h, d), dtype=like.dtype).copy_(_cf(img))
+    base = buf.new_empty((B, h, d, H, W), dtype=like.dtype).copy_(img)
+    return base if as_base else _cf(base)
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,11 +168,15 @@ class _ShiftedAttention(torch.autograd.Function):
         out = _gather(probs, _keys(v, r), starts, probs.new_empty(B, h, d, N))
         ctx.save_for_backward(q, k, v, rel_rows, rel_cols, probs)
         ctx.K, ctx.scale = K, scale
-        return _crop(out, H, W, P, 0, 0, q)
+        # a fresh tensor, never a view: autograd cannot rebase views made inside a Function, so an in-place op on
+        # the output (a ReLU right after the layer) would fail; ``shifted_attention`` permutes it outside
+        return _crop(out, H, W, P, 0, 0, q, as_base=True)
 
     @staticmethod
     def _backward(ctx, dout):
         q, k, v, rel_rows, rel_cols, probs = ctx.saved_tensors
+        if q.stride(-1) != 1:
+            dout = _cf(dout)  # the forward returned (B, h, d, H, W): back to (B, H, W, h, d)
         K, scale = ctx.K, ctx.scale
         B, H, W, h, d = q.shape
         c = d // 2
@@ -213,7 +217,8 @@ class _ShiftedAttention(torch.autograd.Function):
 
 
 def shifted_attention(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale):
-    return _ShiftedAttention.apply(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale)
+    out = _ShiftedAttention.apply(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale)
+    return out if q.stride(-1) == 1 else _cf(out)  # channels-first results come back as (B, h, d, H, W)
 
 
 def _can_run(q, **_) -> str | None:
