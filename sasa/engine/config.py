@@ -67,8 +67,8 @@ class TrainConfig:
     max_bad_fraction: float = _f(0.001, "fraction of unreadable images tolerated (skipped and counted) before failing")
     workers: int = _f(1, "DataLoader worker processes per rank")
     # optimisation
-    epochs: int = _f(2, "training epochs")
-    batch_size: int = _f(64, "global batch size (split evenly across ranks)")
+    epochs: int = _f(3, "training epochs")
+    batch_size: int = _f(128, "global batch size (split evenly across ranks)")
     optimizer: str = _f("adamw", "optimizer (sgd = Nesterov momentum SGD)", choices=OPTIMIZERS)
     lr: float = _f(0.003, "peak learning rate at batch size lr_base_batch (or at batch_size when that is unset)")
     lr_base_batch: int | None = _f(None, "if set, lr scales linearly: lr * batch_size / lr_base_batch")
