@@ -11,8 +11,10 @@ The op is registered as the torch.library custom ops ``sasa::local_attention_fwd
 with fake (meta) implementations and autograd, so ``torch.compile`` traces through it without a graph break.
 
 CPU tensors run the same kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` is set (for tests only: it
-is very slow). The kernel module is loaded lazily on first use, compiled or interpreted by the tensors' device,
-so importing ``sasa`` never decorates a kernel and the order of imports does not matter.
+is very slow). The kernel module is loaded lazily on first use, compiled or interpreted by the tensors' device, so
+importing ``sasa`` never decorates a kernel. Triton itself must be first imported with ``TRITON_INTERPRET=1`` for
+the interpreter to work (its ``tl.sum`` helpers are decorated at import, and torchvision imports triton):
+``tests/conftest.py`` sets the variable before anything is imported.
 
 Status: complete and tested against ``reference`` in the interpreter; GPU speed measured by ``tools/gpu_check.py``.
 """
