@@ -219,7 +219,7 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
         n_params = sum(p.numel() for p in module.parameters())
         _say(dist, f"sasa train: {cfg.model} ({n_params / 1e6:.2f} M params) on {cfg.dataset} "
                    f"({len(data.train)} train / {len(data.val)} {data.val_name} images from {data.source}); "
-                   f"{dist.world_size} x {device} , batch {cfg.batch_size}, lr {lr:g}, {cfg.epochs} epochs of "
+                   f"{dist.world_size} x {device}, batch {cfg.batch_size}, lr {lr:g}, {cfg.epochs} epochs of "
                    f"{steps_per_epoch} steps -> {run_dir}")
         try:
             status = trainer.fit()
