@@ -42,27 +42,13 @@ def _run_info(args) -> int:
 
 
 def _model_args(text: str) -> dict:
-    """``"in_chans=1,stem=small,attention_stages=(3, 4)"`` -> dict; values are Python literals or plain strings."""
-    import ast
+    """``"in_chans=1,stem=small,attention_stages=(3, 4)"`` -> dict, the syntax of ``sasa train --model-args``."""
+    from .engine.config import ConfigError, parse_model_args
 
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(text + ","):
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            if text[start:i].strip():
-                items.append(text[start:i].strip())
-            start = i + 1
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
+    try:
+        return parse_model_args([text])
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _pixel(text: str) -> tuple[int, int]:

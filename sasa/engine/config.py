@@ -257,7 +257,7 @@ def _split_top_level(text: str) -> list[str]:
     return parts
 
 
-def _parse_model_args(items: list[str]) -> dict:
+def parse_model_args(items: list[str]) -> dict:
     """``["width_multiplier=0.5", "attention_stages=(3, 4)"]`` or ``["a=1,b=2"]`` -> dict (Python literals, else
     strings), the same syntax as ``sasa show-attention --model-args``."""
     import ast
@@ -296,5 +296,5 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     """The config keys given on the command line."""
     out = {k: getattr(args, k) for k in FIELDS if hasattr(args, k) and FIELDS[k].metadata.get("flag", True)}
     if "model_args" in out:
-        out["model_args"] = _parse_model_args(out["model_args"])
+        out["model_args"] = parse_model_args(out["model_args"])
     return out
