@@ -121,7 +121,8 @@ def _add_bench(sub) -> None:
     g.add_argument("--profile", type=int, nargs="?", const=15, metavar="N",
                    help="also print the top N operators of one training step per model (torch.profiler; default 15)")
     g = p.add_argument_group("measurement")
-    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                    help="channels_last memory format (default on GPU)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false")

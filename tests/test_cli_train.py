@@ -133,7 +133,8 @@ def test_ddp_two_processes_equal_one(tmp_path):
     --sync-bn) shows up as ~0.5."""
     args = ["--model", "test_resnet", "--dataset", "synthetic", "--train-subset", "64", "--val-subset", "64",
             "--batch-size", "32", "--epochs", "2", "--lr", "0.05", "--warmup-epochs", "0", "--threads", "1",
-            "--seed", "1", "--ema-decay", "0.5", "--sync-bn", "--optimizer", "sgd", "--weight-decay", "5e-5", "--workers", "0",
+            "--seed", "1", "--ema-decay", "0.5", "--sync-bn", "--optimizer", "sgd", "--weight-decay", "5e-5",
+            "--workers", "0",
             "--quiet"]  # every knob pinned: the demo defaults (AdamW, weight decay 0.05) make these 4 steps chaotic
     one = _sasa("train", *args, "--output", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr + one.stdout

@@ -65,7 +65,8 @@ def _keys(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _window(xp: torch.Tensor, channel: int, K: int, P: int, N: int) -> torch.Tensor:
-    """View ``(B, h, K, K, N)`` of one channel of a padded buffer: ``[..., a, b, n] = xp[..., channel, n + a*P + b]``."""
+    """View ``(B, h, K, K, N)`` of one channel of a padded buffer:
+    ``[..., a, b, n] = xp[..., channel, n + a*P + b]``."""
     s = xp.stride()
     return xp.as_strided((xp.shape[0], xp.shape[1], K, K, N), (s[0], s[1], P, 1, 1),
                          xp.storage_offset() + channel * s[2])

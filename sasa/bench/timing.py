@@ -114,7 +114,8 @@ def git_commit() -> dict:
     """The commit of the source tree the package runs from, and whether that tree has local changes."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], check=False, cwd=root, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], check=False, cwd=root, capture_output=True,
+                                text=True,
                                 timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip() != ""

@@ -202,5 +202,6 @@ def detector_table(*, image_size: int = 640, num_classes: int = 80, flops: bool 
                      f"{params:>10.2f} {gflops} {p_params:>12} {p_gflops:>12} {p_map:>9}")
     lines.append(f"ours: {num_classes} classes, BN weights counted, GFLOPs at {image_size}x{image_size} (backbone + "
                  "FPN + heads, a multiply-add = 2)")
-    lines.append("paper: Ramachandran et al. 2019 table 5, COCO val (SPEC section 4); its FLOP image size is not stated")
+    lines.append("paper: Ramachandran et al. 2019 table 5, COCO val (SPEC section 4); "
+                 "its FLOP image size is not stated")
     return "\n".join(lines)

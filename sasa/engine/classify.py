@@ -345,7 +345,8 @@ class ClassificationTrainer:
         p = self.progress
         epoch = p.epoch
         record = {"kind": "epoch", "epoch": epoch + 1, "step": p.global_step,
-                  "train_loss": p.ep_loss_sum / max(p.ep_count, 1), "train_top1": 100 * p.ep_correct / max(p.ep_count, 1),
+                  "train_loss": p.ep_loss_sum / max(p.ep_count, 1),
+                  "train_top1": 100 * p.ep_correct / max(p.ep_count, 1),
                   "lr": self.optimizer.param_groups[0]["lr"], "epoch_s": getattr(self, "_epoch_time", float("nan")),
                   "img_s": getattr(self, "_epoch_images", 0.0) / max(getattr(self, "_epoch_time", 0.0), 1e-9),
                   "bad_train": int(p.ep_bad)}
