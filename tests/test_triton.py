@@ -137,6 +137,17 @@ def test_custom_op_opcheck(interpret):
     torch.library.opcheck(op, (q, None, v, None, cols, 3, True, 0.5))
 
 
+def _assert_compiled_matches(compiled, eager, args, leaves):
+    """The compiled function's loss and gradients equal the eager ones."""
+    loss = compiled(*args)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_loss = eager(*args)
+    ref_grads = torch.autograd.grad(ref_loss, leaves)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 def test_compiles_without_graph_break(interpret):
     """``fullgraph=True`` fails on any graph break; aot_eager traces forward and backward through the custom ops."""
     q, k, v, rows, cols, leaves = _inputs(1, 3, 4, 1, 8, 3, fused=True)
@@ -144,13 +155,7 @@ def test_compiles_without_graph_break(interpret):
     def f(q, k, v, rows, cols):
         return sasa.local_attention_2d(q, k, v, rows, cols, kernel_size=3, backend="triton").square().sum()
 
-    loss = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, rows, cols)
-    grads = torch.autograd.grad(loss, leaves)
-    ref_loss = f(q, k, v, rows, cols)
-    ref_grads = torch.autograd.grad(ref_loss, leaves)
-    torch.testing.assert_close(loss, ref_loss)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+    _assert_compiled_matches(torch.compile(f, backend="aot_eager", fullgraph=True), f, (q, k, v, rows, cols), leaves)
 
 
 def test_can_run_reasons(monkeypatch):
@@ -210,11 +215,4 @@ def test_cuda_torch_compile_no_graph_break():
     def f(q, k, v, rows, cols):
         return sasa.local_attention_2d(q, k, v, rows, cols, kernel_size=7, backend="triton").float().square().sum()
 
-    compiled = torch.compile(f, fullgraph=True)
-    loss = compiled(q, k, v, rows, cols)
-    grads = torch.autograd.grad(loss, leaves)
-    ref_loss = f(q, k, v, rows, cols)
-    ref_grads = torch.autograd.grad(ref_loss, leaves)
-    torch.testing.assert_close(loss, ref_loss)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+    _assert_compiled_matches(torch.compile(f, fullgraph=True), f, (q, k, v, rows, cols), leaves)
