@@ -175,8 +175,70 @@ def test_stem_params_and_bad_input():
 
 
 
+@pytest.mark.parametrize("values, heads, block, size", [
+    ("spatial", 4, 4, (8, 12)), ("spatial", 1, 4, (4, 4)), ("spatial", 2, 2, (6, 10)), ("plain", 4, 4, (12, 8)),
+    ("plain", 2, 2, (2, 6))])
+def test_stem_fast_path_matches_reference(values, heads, block, size):
+    """The reassociated, recomputing op equals the textbook q / k / v formulation: output and every gradient
+    (input and all parameters), float64, NCHW and channels-last inputs and upstream gradients."""
+    torch.manual_seed(0)
+    stem = AttentionStem(3, 8, heads=heads, block_size=block, values=values, mixtures=3).double()
+    with torch.no_grad():  # non-trivial attention: larger logits than the default init gives
+        stem.query.weight.mul_(3.0)
+    params = list(stem.parameters())
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+        out, expected = stem(x), stem.reference_forward(x)
+        torch.testing.assert_close(out, expected)
+        g = torch.randn_like(out).contiguous(memory_format=fmt)
+        for got, want in zip(torch.autograd.grad(out, [x, *params], g),
+                             torch.autograd.grad(expected, [x, *params], g)):
+            torch.testing.assert_close(got, want)
+
+
+def test_stem_gradcheck():
+    torch.manual_seed(0)
+    stem = AttentionStem(3, 8, heads=2, block_size=2, mixtures=2).double()
+    x = torch.randn(1, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: stem(x), (x, *stem.parameters()))
+
+
+def test_stem_keeps_only_its_input_for_backward():
+    """Memory contract: what autograd keeps for the stem's backward is O(in_channels) per pixel (the image in blocks
+    and its mixed copies), not the out_channels-wide q / k / v or the heads x 16 probabilities."""
+    stem = AttentionStem(3, 64)
+    x = torch.randn(2, 3, 16, 16)
+    saved = {}
+
+    def pack(t):
+        saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stem(x.requires_grad_())
+    per_pixel = sum(saved.values()) / 4 / (2 * 16 * 16)  # fp32 values per input pixel
+    assert per_pixel <= 3 + 3 + 3 * 4 + 4  # blocks (twice at most), p(b, m) x_b, and the small matrices
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stem.reference_forward(x)
+    assert sum(saved.values()) / 4 / (2 * 16 * 16) > 3 * 64  # the textbook path keeps q, k, v at least
+
+
+def test_stem_autocast_bf16():
+    torch.manual_seed(0)
+    stem = AttentionStem(3, 16, heads=4)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stem(x)
+        expected = stem.reference_forward(x).float()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in stem.parameters())
+
+
 def test_stem_block_attention_matches_explicit():
-    """The stem's CPU path (SDPA) equals the explicit softmax(q k^T) v that CUDA runs."""
+    """The reference stem's CPU path (SDPA) equals the explicit softmax(q k^T) v that CUDA runs."""
     from sasa.layers.stem import _block_attention
 
     g = torch.Generator().manual_seed(0)

@@ -10,6 +10,11 @@ through the *values*. Variants (``values=``):
 - ``"plain"``: ``v = W_V x`` (permutation-invariant inside a block: the ablation's weak baseline).
 - ``"conv"``: values from a ``conv_kernel x conv_kernel`` convolution (our reading of the paper's conv-values stem).
 
+Two formulations: ``forward`` runs spatial and plain values through ``stem_attention.stem_block_attention``, an exact
+reassociation around the 3-channel input that never forms q / k / v and keeps only the input for the backward
+(about 3x faster and half the peak memory of the textbook path on CPU, BENCHMARKS.md); ``reference_forward`` is the
+textbook q / k / v formulation, the oracle in the tests and the path of conv values.
+
 This module is only the attention; the model adds BatchNorm, ReLU and the 4x4/4 max pool after it, keeping
 torchvision's ``conv1 / bn1 / relu / maxpool`` attribute contract. Input height and width must be multiples of
 ``block_size``.
@@ -25,16 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .stem_attention import stem_block_attention
+
 STEM_VALUES = ("spatial", "plain", "conv")
 
 
 def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v over many tiny sequences, ``(B, N, L, d)`` each.
+    """softmax(q k^T * scale) v over many tiny sequences, ``(B, N, L, d)`` each (``reference_forward``).
 
     On CPU, SDPA (its flash kernel). On CUDA the explicit two-matmul form, the one path seen to work there: on an
     H200, cuDNN's SDPA rejected this shape in bf16 (N ~ 16k sequences of 16 tokens), and the flash /
     memory-efficient kernels asked for by name hit an illegal memory access inside a sasa_resnet50 training step.
-    It runs as tiny batched GEMMs, the stem's main cost on GPU (BENCHMARKS.md).
     """
     if q.device.type != "cuda":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -104,13 +110,43 @@ class AttentionStem(nn.Module):
         x = x.view(B, C, H // s, s, W // s, s)  # (B, C, Hb, s, Wb, s)
         return x.permute(0, 2, 4, 3, 5, 1).reshape(B, H // s, W // s, s * s, C)  # (B, Hb, Wb, s*s, C)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"AttentionStem expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        s = self.block_size
+        if x.shape[2] % s or x.shape[3] % s:
+            raise ValueError(f"AttentionStem needs height and width divisible by block_size={s}, "
+                             f"got {x.shape[2]}x{x.shape[3]}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, H, W)`` -> ``(B, C_out, H, W)``: the reassociated op for spatial / plain values (exact, see
+        ``stem_attention.py``), ``reference_forward`` for conv values (their values are not linear in one pixel)."""
+        if self.values == "conv":
+            return self.reference_forward(x)
+        self._check(x)
+        B, C, H, W = x.shape
+        s, heads = self.block_size, self.heads
+        d = self.out_channels // heads
+        xb = self._blocks(x).flatten(0, 2)  # (B*Hb*Wb, s*s, C_in)
+        wq, wk = self.query.weight.view(heads, d, C), self.key.weight.view(heads, d, C)
+        g = torch.einsum("hoc,hoe->che", wq, wk).reshape(C, heads * C) * self.scale  # G_h = W_Q,h^T W_K,h
+        if self.values == "spatial":
+            pm = self.mixture_weights()  # (s*s, m)
+            xm = (pm[:, :, None] * xb[:, :, None, :]).flatten(2)  # (N, s*s, m*C_in): p(b, m) x_b
+            wv = self.value_weight.view(self.mixtures, heads, d, C).permute(1, 0, 3, 2)  # (heads, m, C_in, d)
+        else:
+            xm = xb
+            wv = self.value.weight.view(heads, d, C).transpose(1, 2)  # (heads, C_in, d)
+        return stem_block_attention(xb, g, xm, wv.reshape(heads, -1, d), shape=(B, H // s, W // s, s))
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The textbook formulation: q, k, v projections of every pixel, softmax(q k^T) v per block and head.
+
+        The oracle the fast path is tested against, and the path of conv values.
+        """
+        self._check(x)
         B, _, H, W = x.shape
         s = self.block_size
-        if H % s or W % s:
-            raise ValueError(f"AttentionStem needs height and width divisible by block_size={s}, got {H}x{W}")
         xb = self._blocks(x)  # (B, Hb, Wb, s*s, C_in)
         if self.values == "spatial":
             w = torch.einsum("pm,moc->poc", self.mixture_weights(), self.value_weight)  # (s*s, C_out, C_in)

@@ -1,0 +1,137 @@
+"""The attention stem's block attention, reassociated around its 3-channel input, as one memory-lean op.
+
+``AttentionStem`` (``stem.py``) attends inside ``s x s`` blocks of the *image*, whose few input channels ``C``
+(3 for RGB) are far narrower than the ``heads * d`` projected channels. Two exact rewrites use that:
+
+- logits: ``q_a . k_b = x_a^T (W_Q,h^T W_K,h) x_b``: one ``C x C`` matrix ``G_h`` per head, so a logit is a
+  C-term dot product instead of a d-term one and no q / k tensor is ever formed;
+- values (spatially-aware or plain): ``sum_b p_ab sum_m p(b, m) W_V,h^m x_b = sum_m W_V,h^m y_a,m`` with
+  ``y_a,m = sum_b p_ab p(b, m) x_b``: attend over the ``M * C``-wide mixed inputs ``p(b, m) x_b``, then project
+  once per head with its ``(M * C, d)`` matrix.
+
+``stem_block_attention`` runs that as one ``torch.autograd.Function`` that saves only its inputs (the image in
+blocks, the mixed inputs and three small matrices; ``3 + 3 M`` values per pixel) and recomputes the
+probabilities in the backward, so the full-resolution ``heads x s^2`` probabilities and the projected q / k / v are
+never kept for the backward. The output is written straight in NCHW order (per-head GEMMs with a transposed
+operand; no permute of the 64-channel result). Under autocast the GEMMs run in the autocast dtype and the softmax
+and its backward in fp32.
+
+Layouts: ``xb`` ``(N, L, C)`` with N = batch * blocks (row-major: batch, block row, block column) and L = s * s
+(row-major inside the block); ``xm`` ``(N, L, J)``; ``g`` ``(C, heads * C)``; ``wv`` ``(heads, J, d)``.
+
+Status: complete; exact (float64 gradcheck, and tests against the textbook formulation
+``AttentionStem.reference_forward``). Measured in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _probabilities(xb: torch.Tensor, g: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, P)``: u = x G ``(N, L * heads, C)``, rows ordered (query, head); P ``(N, L * heads, L)``, fp32 or fp64."""
+    N, L, C = xb.shape
+    u = (xb @ g).view(N, L * heads, C)  # (N*L, heads*C) -> (N, L*heads, C)
+    logits = u @ xb.transpose(1, 2)  # (N, L*heads, L)
+    return u, torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _to_raster(y: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """``(N, L * heads, J)`` block-ordered rows -> ``(B, H * W, heads * J)`` image-ordered rows (one copy)."""
+    B, Hb, Wb, s = shape
+    J = y.shape[1] * y.shape[2] // (s * s)
+    y = y.view(B, Hb, Wb, s, s, J)  # (B, Hb, Wb, row in block, column in block, heads*J)
+    return y.transpose(2, 3).reshape(B, Hb * s * Wb * s, J)
+
+
+def _to_blocks(yr: torch.Tensor, shape: tuple[int, int, int, int], heads: int) -> torch.Tensor:
+    """Inverse of ``_to_raster``: ``(B, H * W, heads * J)`` -> ``(N, L * heads, J)`` (one copy)."""
+    B, Hb, Wb, s = shape
+    J = yr.shape[-1]
+    yr = yr.view(B, Hb, s, Wb, s, J).transpose(2, 3)  # (B, Hb, Wb, s, s, heads*J)
+    return yr.reshape(B * Hb * Wb, s * s * heads, J // heads)
+
+
+def _per_head(out: torch.Tensor, a, b, heads: int, dim: int) -> torch.Tensor:
+    """``cat([a(h) @ b(h) for h], dim)``. In eager mode each product is written straight into its slice of ``out``
+    (a concatenation would copy the full-resolution result once more); under ``torch.compile``, which does not trace
+    ``out=`` into a view, the plain ``cat`` (the compiler fuses it) and ``out`` is unused."""
+    if torch.compiler.is_compiling():
+        return torch.cat([a(h) @ b(h) for h in range(heads)], dim)
+    step = out.shape[dim] // heads
+    for h in range(heads):
+        torch.matmul(a(h), b(h), out=out.narrow(dim, h * step, step))
+    return out
+
+
+def _project(yr: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+    """Per-head value projection of image-ordered rows: ``(B, H * W, heads * J)`` -> ``(B, heads * d, H * W)``,
+    one GEMM per head with a transposed operand (a block-diagonal weight would waste ``heads``-fold work)."""
+    B, HW, _ = yr.shape
+    heads, J, d = wv.shape
+    return _per_head(yr.new_empty(B, heads * d, HW), lambda h: wv[h].t(),
+                     lambda h: yr[:, :, h * J:(h + 1) * J].transpose(1, 2), heads, 1)
+
+
+class _StemAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xb, g, xm, wv, shape: tuple[int, int, int, int]):
+        B, Hb, Wb, s = shape
+        heads = wv.shape[0]
+        _, P = _probabilities(xb, g, heads)
+        y = P.to(xm.dtype) @ xm  # (N, L*heads, J)
+        out = _project(_to_raster(y, shape), wv)  # (B, C_out, H*W)
+        ctx.save_for_backward(xb, g, xm, wv)
+        ctx.shape = shape
+        return out.view(B, -1, Hb * s, Wb * s)
+
+    @staticmethod
+    def backward(ctx, dout):
+        xb, g, xm, wv = ctx.saved_tensors
+        shape = ctx.shape
+        heads, J, d = wv.shape
+        N, L, C = xb.shape
+        u, P = _probabilities(xb, g, heads)  # recomputed: nothing of size (N, L*heads, L) was kept
+        Pc = P.to(xm.dtype)
+        dout = dout.flatten(2).to(xm.dtype)  # (B, C_out, H*W); a view for NCHW and channels-last
+        yr = _to_raster(Pc @ xm, shape)  # (B, H*W, heads*J)
+        dwv = torch.stack([torch.bmm(yr[:, :, h * J:(h + 1) * J].transpose(1, 2),  # sum over pixels of y_h^T dout_h
+                                     dout[:, h * d:(h + 1) * d].transpose(1, 2)).sum(0) for h in range(heads)])
+        dyr = _per_head(torch.empty_like(yr), lambda h: dout[:, h * d:(h + 1) * d].transpose(1, 2),
+                        lambda h: wv[h].t(), heads, 2)  # dy_h = dout_h^T W_h^T, (B, H*W, heads*J)
+        yr = None  # free it (a closure cell: no `del` under torch.compile)
+        dy = _to_blocks(dyr, shape, heads)  # (N, L*heads, J)
+        del dyr
+        dxm = Pc.transpose(1, 2) @ dy  # (N, L, J)
+        del Pc
+        ds = (dy @ xm.transpose(1, 2)).to(P.dtype)  # dP, (N, L*heads, L)
+        del dy
+        ds = ds.mul_(P)  # softmax backward in place: ds = P * dP - P * sum(P * dP)
+        ds = ds.addcmul_(P, ds.sum(-1, keepdim=True), value=-1).to(xb.dtype)  # d logits
+        del P
+        du = ds @ xb  # (N, L*heads, C)
+        dxb = ds.transpose(1, 2) @ u  # key side, (N, L, C)
+        du = du.view(N * L, heads * C)
+        dg = xb.reshape(N * L, C).t() @ du  # (C, heads*C)
+        dxb = dxb + (du @ g.t()).view(N, L, C)  # query side
+        return dxb, dg, dxm, dwv, None
+
+
+def stem_block_attention(xb: torch.Tensor, g: torch.Tensor, xm: torch.Tensor, wv: torch.Tensor, *,
+                         shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """Block attention of the attention stem in its reassociated form; returns ``(B, C_out, H, W)`` contiguous.
+
+    Args:
+        xb: the input in blocks, ``(N, L, C)``.
+        g: ``(C, heads * C)``, column block h = ``scale * W_Q,h^T W_K,h``.
+        xm: the values' inputs, ``(N, L, J)`` (``p(b, m) x_b`` for spatially-aware values, ``x_b`` for plain).
+        wv: ``(heads, J, d)`` value projections (head h maps its J attended inputs to its d output channels).
+        shape: ``(B, H / s, W / s, s)``.
+    """
+    device = xb.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        xb, g, xm, wv = (t.to(dtype) for t in (xb, g, xm, wv))
+        with torch.autocast(device, enabled=False):
+            return _StemAttention.apply(xb, g, xm, wv, shape)
+    return _StemAttention.apply(xb, g, xm, wv, shape)
