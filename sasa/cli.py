@@ -93,12 +93,14 @@ def _run_show_attention(args) -> int:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="layer and model speed / memory: SASA against the convolution it replaces",
                        description="Layer mode: each ResNet stage's 3x3 conv against the SelfAttention2d layer, once "
-                                   "per backend. Model mode: training-step and inference images/s and peak memory of "
+                                   "per backend. Stem mode: ResNet's conv stem against the attention stem. Model "
+                                   "mode: training-step and inference images/s and peak memory of "
                                    "the conv ResNet and its SASA variants. Defaults per device: GPU batch 64, 256x256, "
                                    "bf16 autocast, channels_last, ResNet-50 models; CPU batch 2 (layers) / 8 (models), "
                                    "128x128, fp32, ResNet-26 models. Table on stdout, JSON with --out.")
-    p.add_argument("--mode", default="all", help="all (default) or a comma-separated subset of layer, op, model "
-                                                 "(op: the bare attention op, no projections)")
+    p.add_argument("--mode", default="all", help="all (default) or a comma-separated subset of layer, op, stem, "
+                                                 "model (op: the bare attention op, no projections; stem: conv vs "
+                                                 "attention stem at the model batch and image size)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--small", action="store_true", help="tiny shapes and models, a few repeats: seconds on CPU")
     p.add_argument("--out", help="write the full record (settings, environment, every statistic) as JSON")

@@ -28,7 +28,8 @@ def test_bench_small_record(tmp_path, one_thread, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--small", "--device", "cpu", "--profile", "3", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "Layer (" in text and "Op (" in text and "Model:" in text and "unfold (reference)" in text
+    assert "Layer (" in text and "Op (" in text and "Stem (" in text and "Model:" in text
+    assert "unfold (reference)" in text
     record = json.loads(out.read_text())
 
     meta = record["meta"]
@@ -52,6 +53,10 @@ def test_bench_small_record(tmp_path, one_thread, capsys):
     assert [(r["shape"], r["impl"]) for r in op] == [(s, i if i == "conv3x3" else f"op {i}") for s in shapes
                                                      for i in impls]
     assert all(r["error"] is None and r["fwd_bwd_ms"]["median"] > 0 for r in op)
+    stem = record["stem"]
+    assert [r["impl"] for r in stem] == ["conv7x7/2 stem", "attention stem", "attention stem textbook"]
+    assert all(r["error"] is None and r["peak_mb"] > 0 and r["fwd_bwd_vs_conv"] > 0 for r in stem)
+    assert stem[0]["batch"] == record["model_config"]["batch"] and stem[0]["height"] == 32
 
     models = record["model"]
     assert [r["model"] for r in models] == record["model_config"]["models"]

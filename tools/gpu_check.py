@@ -12,6 +12,8 @@
    backward and backward kernels alone, against ``shifted`` and a 3x3 convolution (C -> C, channels_last, bf16),
    median of CUDA-event timings, in the same run.
 3. ``torch.compile(fullgraph=True)`` (inductor) through the custom op, forward + backward.
+4. The attention stem's fast op (``AttentionStem.forward``) against its textbook form (``reference_forward``) on
+   CUDA: fp32 forward and every gradient; bf16 autocast against the fp32 textbook; ``torch.compile(fullgraph=True)``.
 
 Every case catches its own exceptions, so one failure does not lose the rest; results go to ``OUT/gpu_check.json``
 after each section.
@@ -344,6 +346,41 @@ class Check:
         rec["ratio_triton_fb_to_shifted_fb"] = ms["triton_fb"] / ms["shifted_fb"]
         rec["ratio_triton_fwd_to_conv_fwd"] = ms["triton_fwd"] / ms["conv_fwd"]
 
+    def stem_check(self):
+        """AttentionStem: fast op vs textbook form on the device (fp32, bf16 autocast, compiled)."""
+        from sasa import AttentionStem
+
+        torch = self.torch
+        dev = self.device
+        log("\n== attention stem: fast op vs reference_forward ==")
+        for name, dtype, compiled in (("stem_fp32", None, False), ("stem_bf16_autocast", torch.bfloat16, False),
+                                      ("stem_fp32_compiled", None, True)):
+            t0 = time.time()
+            rec = {"case": name}
+            try:
+                torch.manual_seed(0)
+                stem = AttentionStem(3, 64).to(dev)
+                x = torch.randn(4, 3, 32, 48, device=dev, requires_grad=True)
+                params = [x, *stem.parameters()]
+                backend = "aot_eager" if self.args.smoke else "inductor"
+                fast = torch.compile(stem, backend=backend, fullgraph=True) if compiled else stem
+                with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = fast(x)
+                ref = stem.reference_forward(x)
+                g = torch.randn_like(ref)
+                grads = torch.autograd.grad(out.float(), params, g)
+                ref_grads = torch.autograd.grad(ref, params, g)
+                errs = {"out": self.norm_err(out, ref)}
+                errs.update({f"g{i}": self.norm_err(a, b) for i, (a, b) in enumerate(zip(grads, ref_grads))})
+                tol = 3e-2 if dtype is not None else 1e-4
+                rec.update(errors=errs, tolerance=tol, passed=all(e <= tol for e in errs.values()))
+            except Exception as e:  # noqa: BLE001
+                rec.update(passed=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+            rec["seconds"] = round(time.time() - t0, 1)
+            self.results["compile" if compiled else "correctness"].append(rec)
+            log(f"{name:34s} {'PASS' if rec['passed'] else 'FAIL'}  {rec.get('errors', rec.get('error', ''))}"[:300])
+        self.save()
+
     def compile_check(self):
         """torch.compile(fullgraph=True) through the custom ops; inductor on CUDA, aot_eager in smoke mode."""
         import sasa
@@ -409,6 +446,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--skip-stem", action="store_true")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
@@ -438,6 +476,8 @@ def main(argv=None) -> int:
         check.timing()
     if not args.skip_compile:
         check.compile_check()
+    if not args.skip_stem:
+        check.stem_check()
     check.results["meta"]["total_seconds"] = round(time.time() - t0, 1)
     check.save()
     n_fail = sum(not r.get("passed", False) for r in check.results["correctness"] + check.results["compile"])

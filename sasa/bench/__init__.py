@@ -3,6 +3,7 @@
 - ``layer``: each ResNet stage's 3x3 convolution against the full ``SelfAttention2d`` layer, once per backend
   (``sasa.bench.layer``);
 - ``op``: the same shapes with the bare op ``local_attention_2d`` instead of the layer (no projections);
+- ``stem``: ResNet's 7x7/2 convolution stem against the ``AttentionStem`` (fast and textbook forms);
 - ``model``: training-step and inference images/s and peak memory of the conv ResNet and its SASA variants
   (``sasa.bench.model``).
 
@@ -91,6 +92,10 @@ def run(cfg: BenchConfig, *, command: str = "", log=print) -> dict:
         result["layer"] = layer_rows(cfg, log=lambda s: log("  layer" + s))
     if "op" in cfg.modes:
         result["op"] = layer_rows(cfg, log=lambda s: log("  op   " + s), op=True)
+    if "stem" in cfg.modes:
+        from .layer import stem_rows
+
+        result["stem"] = stem_rows(cfg, log=lambda s: log("  stem " + s))
     if "model" in cfg.modes:
         from .model import model_rows
 

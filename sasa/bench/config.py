@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODES = ("layer", "op", "model")  # run order; "all" = every mode
+MODES = ("layer", "op", "stem", "model")  # run order; "all" = every mode
 SLOW_BACKENDS = ("reference",)  # the unfold oracle: k*k copies of K and V
 LABELS = {"reference": "unfold (reference)"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

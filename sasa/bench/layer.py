@@ -1,6 +1,8 @@
 """Layer mode: the 3x3 convolution of each ResNet stage against the full ``SelfAttention2d`` layer that replaces
 it (fused QKV projection included), once per backend, measured in the same run. Op mode: the same with the bare
 op ``local_attention_2d`` (q, k, v strided views of one fused tensor, as the layer passes them) instead of the layer.
+Stem mode: ResNet's 7x7/2 convolution stem (``conv1``) against the ``AttentionStem`` that replaces it, in its fast
+form and in its textbook form (``reference_forward``), on the model-mode batch and image size.
 
 Forward is timed under ``torch.inference_mode``; forward+backward computes the gradients of the input and of
 every parameter from a fixed upstream gradient. Ratios are ``time / conv3x3 time`` of the same shape.
@@ -15,6 +17,7 @@ from torch import nn
 
 from ..functional import available_backends, local_attention_2d
 from ..layers.attention import SelfAttention2d
+from ..layers.stem import AttentionStem
 from .config import DTYPES, LABELS, SLOW_BACKENDS, BenchConfig
 from .timing import is_oom, peak_mb, time_ms
 
@@ -88,36 +91,65 @@ def layer_rows(cfg: BenchConfig, log=print, *, op: bool = False) -> list[dict]:
         shape = f"{H}x{W}x{C}"
         base = {"shape": shape, "batch": cfg.batch, "height": H, "width": W, "channels": C,
                 "kernel_size": cfg.kernel_size, "heads": cfg.heads}
-        impls = [("conv3x3", None, lambda C=C: nn.Conv2d(C, C, 3, padding=1, bias=False))]
+        x = ((cfg.batch, C, H, W), torch.float32)
+        qkv = ((cfg.batch, 3 * C, H, W), DTYPES[cfg.dtype])  # the op's input: a projection under autocast makes it
+        impls = [("conv3x3", None, lambda C=C: nn.Conv2d(C, C, 3, padding=1, bias=False), x)]
         if op:
-            impls += [(f"op {LABELS.get(b, b)}", b, lambda C=C, b=b: _Op(C, cfg.kernel_size, cfg.heads, b))
+            impls += [(f"op {LABELS.get(b, b)}", b, lambda C=C, b=b: _Op(C, cfg.kernel_size, cfg.heads, b), qkv)
                       for b in backends]
         else:
             impls += [(LABELS.get(b, b), b, lambda C=C, b=b: SelfAttention2d(C, C, cfg.kernel_size, heads=cfg.heads,
-                                                                             backend=b)) for b in backends]
-        conv = None
-        for label, backend, make in impls:
-            row = {**base, "impl": label, "backend": backend, "error": None}
-            reason = _guard(backend, cfg.batch, H, W, C, cfg) if backend else None
-            if reason:
-                row["error"] = reason
-            else:
-                try:
-                    if op and backend:  # q, k, v in the compute dtype, as a projection under autocast makes them
-                        row.update(_measure(make, (cfg.batch, 3 * C, H, W), cfg, x_dtype=DTYPES[cfg.dtype]))
-                    else:
-                        row.update(_measure(make, (cfg.batch, C, H, W), cfg))
-                except Exception as err:  # noqa: BLE001  (a failing backend is a row, not a crash)
-                    row["error"] = "OOM" if is_oom(err) else f"{type(err).__name__}: {err}".splitlines()[0][:200]
-                    if cfg.device.type == "cuda":
-                        torch.cuda.empty_cache()
-            if backend is None and row["error"] is None:
-                conv = row
-            if conv is not None and row["error"] is None:
-                row["fwd_vs_conv"] = row["fwd_ms"]["median"] / conv["fwd_ms"]["median"]
-                row["fwd_bwd_vs_conv"] = row["fwd_bwd_ms"]["median"] / conv["fwd_bwd_ms"]["median"]
-            rows.append(row)
-            log(_progress(row))
+                                                                             backend=b), x) for b in backends]
+        rows += _measure_rows(impls, base, cfg, log, guard=lambda b, C=C, H=H, W=W: _guard(b, cfg.batch, H, W, C, cfg))
+    return rows
+
+
+class _TextbookStem(nn.Module):
+    """``AttentionStem.reference_forward`` as a module (q / k / v formulation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = AttentionStem(3, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem.reference_forward(x)
+
+
+def stem_rows(cfg: BenchConfig, log=print) -> list[dict]:
+    """ResNet's ``conv1`` (7x7/2, 3 -> 64) against ``AttentionStem(3, 64)`` (fast and textbook forms), one image
+    batch of the model-mode size. The attention stem's output is at full resolution (the model pools it by 4)."""
+    B, S = cfg.model_batch, cfg.model_image_size
+    base = {"shape": f"{S}x{S}x3", "batch": B, "height": S, "width": S, "channels": 3}
+    x = ((B, 3, S, S), torch.float32)
+    impls = [("conv7x7/2 stem", None, lambda: nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), x),
+             ("attention stem", "stem", lambda: AttentionStem(3, 64), x),
+             ("attention stem textbook", "stem_reference", _TextbookStem, x)]
+    return _measure_rows(impls, base, cfg, log)
+
+
+def _measure_rows(impls, base: dict, cfg: BenchConfig, log, *, guard=None) -> list[dict]:
+    """Measure each ``(label, backend, make, (input shape, input dtype))``; the first (backend None) is the
+    convolution the ratios refer to."""
+    rows, conv = [], None
+    for label, backend, make, (shape, dtype) in impls:
+        row = {**base, "impl": label, "backend": backend, "error": None}
+        reason = guard(backend) if (guard and backend) else None
+        if reason:
+            row["error"] = reason
+        else:
+            try:
+                row.update(_measure(make, shape, cfg, x_dtype=dtype))
+            except Exception as err:  # noqa: BLE001  (a failing backend is a row, not a crash)
+                row["error"] = "OOM" if is_oom(err) else f"{type(err).__name__}: {err}".splitlines()[0][:200]
+                if cfg.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if backend is None and row["error"] is None:
+            conv = row
+        if conv is not None and row["error"] is None:
+            row["fwd_vs_conv"] = row["fwd_ms"]["median"] / conv["fwd_ms"]["median"]
+            row["fwd_bwd_vs_conv"] = row["fwd_bwd_ms"]["median"] / conv["fwd_bwd_ms"]["median"]
+        rows.append(row)
+        log(_progress(row))
     return rows
 
 

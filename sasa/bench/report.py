@@ -83,6 +83,10 @@ def render(result: dict) -> str:
         lc = result["layer_config"]
         out += ["", (f"Op (local_attention_2d alone, q/k/v views of one fused tensor): batch {lc['batch']}, "
                      f"k={lc['kernel_size']}, {lc['heads']} heads"), layer_table(result["op"])]
+    if "stem" in result:
+        r = result["stem"][0]
+        out += ["", (f"Stem (ResNet's conv1 vs AttentionStem(3, 64), the attention at full resolution): batch "
+                     f"{r['batch']}, {r['height']}x{r['width']} images"), layer_table(result["stem"])]
     if "model" in result:
         mc = result["model_config"]
         out += ["", (f"Model: batch {mc['batch']}, {mc['image_size']}x{mc['image_size']}, training step = fwd + "
