@@ -81,10 +81,24 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+# cases with several heads, run again with HB heads per program (the kernels' head axis; HB=1 above)
+HB_CASES = {
+    "hb4_basic": (1, 5, 6, 4, 8, 3, "zeros", "both", True, False, False, None, 1.0),
+    "hb2_mask_tiles_perhead": (1, 5, 6, 4, 8, 3, "mask", "both", True, True, False, (2, 4), 1.0),
+    "hb4_fused_d12_k5_tiles": (1, 7, 9, 4, 12, 5, "zeros", "both", True, True, True, (4, 8), 1.0),
+    "hb2_qr_only_mask_cols": (1, 6, 5, 2, 8, 5, "mask", "cols", False, True, True, (4, 4), 1.0),
+    "hb4_k7_on_3x3_no_tables": (1, 3, 3, 4, 16, 7, "zeros", None, True, False, False, None, 0.5),
+    "hb2_of_6_heads_rows": (1, 4, 5, 6, 8, 3, "zeros", "rows", True, True, True, None, 1.0),  # 6 heads: HB 4 -> 2
+}
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(HB_CASES), ids=list(CASES) + list(HB_CASES))
 def test_matches_reference_fp32(case, interpret, monkeypatch):
-    B, H, W, heads, d, K, padding, tables, has_k, per_head, fused, tile, scale = CASES[case]
+    B, H, W, heads, d, K, padding, tables, has_k, per_head, fused, tile, scale = {**CASES, **HB_CASES}[case]
     _tile(monkeypatch, interpret, tile)
+    if case in HB_CASES:
+        kernels = interpret.kernels_for(torch.device("cpu"))
+        monkeypatch.setattr(kernels, "HEADS_OVERRIDE", int(case[2]))
     q, k, v, rows, cols, leaves = _inputs(B, H, W, heads, d, K, tables=tables, has_k=has_k, per_head=per_head,
                                           fused=fused)
     out, grads = _run("triton", q, k, v, rows, cols, leaves, K, padding, scale)
@@ -97,6 +111,13 @@ def test_matches_reference_fp32(case, interpret, monkeypatch):
             assert g is None or not g.abs().any(), name
             continue
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_heads_per_program_choice(interpret):
+    kernels = interpret.kernels_for(torch.device("cpu"))
+    assert [kernels.heads_per_program(heads, 8) for heads in (1, 2, 3, 4, 6, 8, 12, 16)] == [1, 2, 1, 4, 2, 8, 4, 8]
+    assert kernels.tile_config(64, 64, 8, "fwd", heads=8)[3] == 1  # TILES: one head per program until measured
+    assert kernels.tile_config(2, 2, 8, "fwd", heads=8) == (2, 2, 1, 1)  # small maps: tile and warps shrink
 
 
 def test_partial_requires_grad_and_determinism(interpret):
@@ -189,6 +210,23 @@ def test_kernels_load_lazily():
         "assert not [m for m in sys.modules if m.startswith('sasa.backends.triton_kernels')], sys.modules.keys()"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    """The interpreter cannot catch what only the compiler rejects: compile every kernel for sm_90a (H100 / H200)
+    offline, one and two heads per program, and check that ptxas reports registers and no spills."""
+    import json
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "resources.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    subprocess.run([sys.executable, str(root / "tools" / "kernel_resources.py"), "--stages", "1", "--heads", "1,2",
+                    "--warps", "8", "--out", str(out)], check=True, timeout=300, env=env, capture_output=True)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and all("error" not in r for r in rows), rows
+    assert all(0 < r["registers"] <= 255 and r["spill_store_bytes"] == 0 for r in rows), rows
 
 
 # ---------------------------------------------------------------------------------------------- GPU only

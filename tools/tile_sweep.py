@@ -1,8 +1,14 @@
 """Tile-shape sweep of the Triton kernels at the ResNet-50 stage shapes (GPU only).
 
 Times forward and backward kernels (bf16, batch 64, 8 heads, K=7, fused QKV views) for explicit
-(TH, TW, num_warps) choices, so ``tile_config`` in ``sasa/backends/triton_kernels.py`` can be set from
-measurements. Usage: ``python tools/tile_sweep.py --out DIR [--stages 1,2]``. Writes ``DIR/tile_sweep.json``.
+(TH, TW, num_warps, heads per program) choices, so ``TILES`` in ``sasa/backends/triton_kernels.py`` can be set from
+measurements. Writes ``DIR/tile_sweep.json``. Usage::
+
+    python tools/tile_sweep.py --out DIR [--stages 1,2]                    # tiles x warps, one head per program
+    python tools/tile_sweep.py --out DIR --stages 1,2 --heads 1,2,4,8 --tiles 4x8,8x8 --warps 4,8
+
+Each new configuration compiles three kernels (seconds each): keep the grid small on a rented GPU.
+``tools/kernel_resources.py`` prints registers and spills per configuration without a GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", default="1,2,3,4")
     parser.add_argument("--warps", default="2,4,8")
+    parser.add_argument("--heads", default="1", help="heads per program (HB) to try, powers of two dividing 8")
+    parser.add_argument("--tiles", help="tiles THxTW,... for every stage (default: a list per stage)")
     args = parser.parse_args()
+    tiles = [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")] if args.tiles else None
     dev = torch.device("cuda")
     tk = kernels_for(dev)
     original = tk.tile_config
@@ -53,22 +62,24 @@ def main() -> None:
         rows = (torch.randn(7, d // 2, device=dev, generator=g) * 0.1).bfloat16()
         cols = (torch.randn(7, d // 2, device=dev, generator=g) * 0.1).bfloat16()
         dout = torch.randn(64, hw, hw, heads, d, device=dev, generator=g).bfloat16()
-        for th, tw in TILES[stage]:
+        for th, tw in tiles or TILES[stage]:
             for nw in map(int, args.warps.split(",")):
-                tk.tile_config = lambda H, W, bd, kind, c=(th, tw, nw): c
-                rec = {"stage": stage, "tile": [th, tw], "num_warps": nw}
-                try:
-                    rec.update(time_kernels(tk, q, k, v, rows, cols, dout))
-                except Exception as e:  # noqa: BLE001 - one bad config must not lose the rest
-                    rec["error"] = f"{type(e).__name__}: {e}"[:200]
-                results.append(rec)
-                print(json.dumps(rec), f"t={time.time() - t0:.0f}s", flush=True)
+                for hb in map(int, args.heads.split(",")):
+                    tk.tile_config = lambda H, W, bd, kind, heads=1, c=(th, tw, nw, hb): c
+                    rec = {"stage": stage, "tile": [th, tw], "num_warps": nw, "heads_per_program": hb}
+                    try:
+                        rec.update(time_kernels(tk, q, k, v, rows, cols, dout))
+                    except Exception as e:  # noqa: BLE001 - one bad config must not lose the rest
+                        rec["error"] = f"{type(e).__name__}: {e}"[:200]
+                    results.append(rec)
+                    print(json.dumps(rec), f"t={time.time() - t0:.0f}s", flush=True)
         tk.tile_config = original
         for key in ("fwd_ms", "bwd_q_ms", "bwd_ms"):
             ok = [r for r in results if r["stage"] == stage and key in r]
             if ok:
                 best = min(ok, key=lambda r: r[key])
-                print(f"stage {stage} best {key}: {best['tile']} warps {best['num_warps']} = {best[key]:.3f} ms")
+                print(f"stage {stage} best {key}: {best['tile']} warps {best['num_warps']} "
+                      f"HB {best['heads_per_program']} = {best[key]:.3f} ms")
     with open(os.path.join(args.out, "tile_sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
 

@@ -1,13 +1,15 @@
 """Triton kernels of the ``triton`` backend: fused forward, and a two-kernel deterministic backward.
 
-Layout and maths as in ``sasa/functional.py``. Every kernel works on a tile of ``TH x TW`` pixels of one
-(batch, head) plane, held as a ``(TH*TW, BD)`` register tile (``BD`` = head_dim rounded up to a power of two), and
-walks the ``K x K`` window offsets in two run-time loops (unrolling them cost 30-60 s of compile time and spilled
-registers), reading each shifted K / V / Q tile straight from the (possibly strided) input: no window is ever
-materialised, neighbouring offsets and tiles hit L1/L2. All arithmetic is fp32 whatever the input dtype; no
-``tl.dot``, so head_dim 8 works. Grid: one program per (batch, tile, head), heads varying fastest so the programs
-of one tile share its cache lines (channels-last keeps a pixel's heads adjacent). Offsets promise the compiler
-``tl.multiple_of(.., VEC)`` (checked on the host from the strides) so loads are 16-byte vectors.
+Layout and maths as in ``sasa/functional.py``. Every kernel works on a tile of ``TH x TW`` pixels and ``HB``
+heads of one image, held as a ``(TH*TW, HB, BD)`` register tile (``BD`` = head_dim rounded up to a power of two;
+``HB`` heads per program, 1 unless ``TILES`` says otherwise), and walks the ``K x K`` window offsets in two run-time
+loops (unrolling them cost 30-60 s of compile time and spilled registers), reading each shifted K / V / Q tile
+straight from the (possibly strided) input: no window is ever materialised, neighbouring offsets and tiles hit
+L1/L2. All arithmetic is fp32 whatever the input dtype; no ``tl.dot``, so head_dim 8 works. Grid: one program per
+(batch, tile, head group), head groups varying fastest so the programs of one tile share its cache lines
+(channels-last keeps a pixel's heads adjacent; with ``HB > 1`` one program reads ``HB * d`` adjacent channels of a
+pixel). Offsets promise the compiler ``tl.multiple_of(.., VEC)`` (checked on the host from the strides) so loads are
+16-byte vectors.
 
 - ``_fwd_kernel``: online softmax over the offsets; writes ``out`` (input dtype) and the per-(pixel, head)
   log-sum-exp ``lse`` (fp32, ``(B, heads, H, W)``) for the backward.
@@ -26,8 +28,10 @@ Borders: ``MASK=False`` ("zeros") keeps out-of-image offsets in the softmax with
 This module is plain Triton. ``triton_backend`` loads it lazily, once per mode: compiled for CUDA tensors,
 interpreted (``TRITON_INTERPRET=1``) for CPU tensors. Do not import it from elsewhere.
 
-Status: complete; tile sizes measured on an H200 (``TILES``). Not yet at the hardware limit: each offset re-reads
-its shifted K / V tile through L1 (no shared-memory staging, no tensor cores), see BENCHMARKS.md.
+Status: complete; tile sizes measured on an H200 (``TILES``), heads per program (``HB``) compiled and tested but not
+yet timed on a GPU (``tools/tile_sweep.py --heads``; ``tools/kernel_resources.py`` gives registers and spills
+offline). Not yet at the hardware limit: each offset re-reads its shifted K / V tile through L1 (no shared-memory
+staging, no tensor cores), see BENCHMARKS.md.
 """
 
 
@@ -35,9 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-# (TH, TW, num_warps) per padded head_dim and kernel, measured on an H200 (bf16, batch 64, K=7, ResNet-50 stage
-# shapes; tools/tile_sweep.py, BENCHMARKS.md). 8x8 tiles win almost everywhere: a 14x14 halo of K/V rows stays in
-# L1, where 16x16 tiles (the first guess) thrashed it and ran 3-4x slower at head_dim 8.
+# (TH, TW, num_warps[, HB]) per padded head_dim and kernel, measured on an H200 (bf16, batch 64, K=7, ResNet-50
+# stage shapes; tools/tile_sweep.py, BENCHMARKS.md). 8x8 tiles win almost everywhere: a 14x14 halo of K/V rows stays
+# in L1, where 16x16 tiles (the first guess) thrashed it and ran 3-4x slower at head_dim 8. HB (heads per program,
+# default 1) is not measured yet: the sweep's --heads option times it.
 TILES = {
     8: {"fwd": (8, 8, 8), "bwd_q": (8, 8, 8), "bwd_kv": (8, 8, 8)},
     16: {"fwd": (8, 8, 2), "bwd_q": (8, 16, 2), "bwd_kv": (8, 16, 2)},
@@ -46,22 +51,78 @@ TILES = {
 }
 # Set to (TH, TW) (powers of two) to force a tile shape, e.g. from tests (multi-tile borders).
 TILE_OVERRIDE = None
+# Set to a power of two to force the heads per program (HB), e.g. from tests or the sweep.
+HEADS_OVERRIDE = None
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def tile_config(H: int, W: int, block_d: int, kind: str) -> tuple[int, int, int]:
-    """``(TH, TW, num_warps)`` for a map of ``H x W`` and padded head_dim ``block_d``."""
-    th, tw, num_warps = TILES[min(max(block_d, 8), 64)][kind]
+def heads_per_program(heads: int, wanted: int) -> int:
+    """The largest power of two <= ``wanted`` that divides ``heads`` (head groups never straddle the last head)."""
+    hb = 1
+    while hb * 2 <= wanted and heads % (hb * 2) == 0:
+        hb *= 2
+    return hb
+
+
+def tile_config(H: int, W: int, block_d: int, kind: str, heads: int = 1) -> tuple[int, int, int, int]:
+    """``(TH, TW, num_warps, HB)`` for a map of ``H x W``, padded head_dim ``block_d`` and ``heads`` heads."""
+    th, tw, num_warps, *rest = TILES[min(max(block_d, 8), 64)][kind]
+    hb = rest[0] if rest else 1
     if block_d > 64:  # 128: halve the tile to keep the per-thread register tile of the 64 entry
         th, num_warps = max(1, th // 2), max(num_warps, 4)
     if TILE_OVERRIDE is not None:
         th, tw = TILE_OVERRIDE
+    if HEADS_OVERRIDE is not None:
+        hb = HEADS_OVERRIDE
+    hb = heads_per_program(heads, hb)
     th, tw = min(th, _next_pow2(H)), min(tw, _next_pow2(W))  # small maps: no empty tile rows / columns
-    num_warps = max(1, min(num_warps, th * tw * block_d // 32))  # at least one element per thread
-    return th, tw, 1 << (num_warps.bit_length() - 1)
+    num_warps = max(1, min(num_warps, th * tw * hb * block_d // 32))  # at least one element per thread
+    return th, tw, 1 << (num_warps.bit_length() - 1), hb
+
+
+@triton.jit
+def _program_tile(HEADS, N_TILES, TILES_W, TH: tl.constexpr, TW: tl.constexpr, HB: tl.constexpr,
+                  INT64: tl.constexpr):
+    """``(batch (int64), heads (HB,), tile, rows (P,), columns (P,))`` of this program's tile of pixels."""
+    pid = tl.program_id(0)  # head groups vary fastest: the programs of one tile share its cache lines
+    groups = HEADS // HB
+    tile = (pid // groups) % N_TILES
+    bi = (pid // (groups * N_TILES)).to(tl.int64)
+    heads = (pid % groups) * HB + tl.arange(0, HB)
+    offs = tl.arange(0, TH * TW)
+    i = (tile // TILES_W) * TH + offs // TW
+    j = (tile % TILES_W) * TW + offs % TW
+    if INT64:
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
+    return bi, heads, tile, i, j
+
+
+@triton.jit
+def _ptrs(base, bi, s_b, i, j, s_h, s_w, heads, s_n, ch, s_d, VEC: tl.constexpr):
+    """``(P, HB, BD)`` pointers to pixels ``(i, j)``, ``heads`` and channels ``ch`` of a (B, H, W, heads, d) tensor;
+    every offset but the channel's is promised to be a multiple of ``VEC`` (vector loads)."""
+    row = tl.multiple_of(i * s_h + j * s_w, VEC)[:, None] + tl.multiple_of(heads * s_n, VEC)[None, :]
+    return base + tl.multiple_of(bi * s_b, VEC) + row[:, :, None] + ch[None, None, :] * s_d
+
+
+@triton.jit
+def _table_row(RR, heads, a, s_n, s_k, s_c, ch, HALF, HAS: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr):
+    """``(HB, BD)``: row ``a`` of the row table in channels ``[0, HALF)``, zeros elsewhere (or everywhere)."""
+    if HAS:
+        return tl.load(RR + heads[:, None] * s_n + a * s_k + ch[None, :] * s_c, mask=(ch < HALF)[None, :],
+                       other=0.0).to(tl.float32)
+    return tl.zeros([HB, BD], tl.float32)
+
+
+@triton.jit
+def _table_col(RC, heads, b, s_n, s_k, s_c, ch, HALF, D):
+    """``(HB, BD)``: row ``b`` of the column table in channels ``[HALF, D)``, zeros elsewhere."""
+    return tl.load(RC + heads[:, None] * s_n + b * s_k + (ch[None, :] - HALF) * s_c,
+                   mask=((ch >= HALF) & (ch < D))[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -75,70 +136,54 @@ def _fwd_kernel(
     src_n, src_k, src_c,
     HEADS, H, W, D, HALF, TILES_W, N_TILES, scale,
     KS: tl.constexpr, MASK: tl.constexpr, HAS_K: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr, INT64: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     R: tl.constexpr = KS // 2
-    pid = tl.program_id(0)  # heads vary fastest: the programs of one tile share its cache lines
-    head = pid % HEADS
-    tile = (pid // HEADS) % N_TILES
-    bi = (pid // (HEADS * N_TILES)).to(tl.int64)
-    offs = tl.arange(0, TH * TW)
-    i = (tile // TILES_W) * TH + offs // TW  # (P,) query rows
-    j = (tile % TILES_W) * TW + offs % TW  # (P,) query columns
-    if INT64:
-        i = i.to(tl.int64)
-        j = j.to(tl.int64)
+    P: tl.constexpr = TH * TW
+    bi, hd, tile, i, j = _program_tile(HEADS, N_TILES, TILES_W, TH, TW, HB, INT64)
     ch = tl.arange(0, BD)
-    ch_ok = ch < D
+    ch_ok = (ch < D)[None, None, :]
     in_img = (i < H) & (j < W)
+    q = tl.load(_ptrs(Q, bi, sq_b, i, j, sq_h, sq_w, hd, sq_n, ch, sq_d, VEC), mask=in_img[:, None, None] & ch_ok,
+                other=0.0).to(tl.float32)  # (P, HB, BD)
 
-    q_base = Q + tl.multiple_of(bi * sq_b + head * sq_n, VEC)
-    k_base = Kt + tl.multiple_of(bi * sk_b + head * sk_n, VEC)
-    v_base = V + tl.multiple_of(bi * sv_b + head * sv_n, VEC)
-    q = tl.load(q_base + tl.multiple_of(i * sq_h + j * sq_w, VEC)[:, None] + ch[None, :] * sq_d,
-                mask=in_img[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)  # (P, BD)
-
-    m = tl.full([TH * TW], -1.0e30, tl.float32)  # running max (finite: masked offsets are -inf)
-    l_sum = tl.zeros([TH * TW], tl.float32)
-    acc = tl.zeros([TH * TW, BD], tl.float32)
+    m = tl.full([P, HB], -1.0e30, tl.float32)  # running max (finite: masked offsets are -inf)
+    l_sum = tl.zeros([P, HB], tl.float32)
+    acc = tl.zeros([P, HB, BD], tl.float32)
     for a in range(KS):
         ii = i + (a - R)
         row_ok = (ii >= 0) & (ii < H)
-        rrow = tl.zeros([BD], tl.float32)
-        if HAS_ROWS:
-            rrow = tl.load(RR + head * srr_n + a * srr_k + ch * srr_c, mask=ch < HALF, other=0.0).to(tl.float32)
+        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HALF, HAS_ROWS, HB, BD)
         for b in range(KS):
             jj = j + (b - R)
             ok = row_ok & (jj >= 0) & (jj < W)  # (P,) key inside the image
-            ld = ok[:, None] & ch_ok[None, :]
-            t = tl.zeros([TH * TW, BD], tl.float32)
+            ld = ok[:, None, None] & ch_ok
+            t = tl.zeros([P, HB, BD], tl.float32)
             if HAS_K:
-                t = tl.load(k_base + tl.multiple_of(ii * sk_h + jj * sk_w, VEC)[:, None] + ch[None, :] * sk_d,
-                            mask=ld, other=0.0).to(tl.float32)
+                t = tl.load(_ptrs(Kt, bi, sk_b, ii, jj, sk_h, sk_w, hd, sk_n, ch, sk_d, VEC), mask=ld,
+                            other=0.0).to(tl.float32)
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
                 if HAS_COLS:
-                    rel = rrow + tl.load(RC + head * src_n + b * src_k + (ch - HALF) * src_c,
-                                   mask=(ch >= HALF) & ch_ok, other=0.0).to(tl.float32)
-                t = t + rel[None, :]
-            s = tl.sum(q * t, axis=1) * scale  # (P,) logits
+                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch, HALF, D)
+                t = t + rel[None, :, :]
+            s = tl.sum(q * t, axis=2) * scale  # (P, HB) logits
             if MASK:
-                s = tl.where(ok, s, float("-inf"))
-            vv = tl.load(v_base + tl.multiple_of(ii * sv_h + jj * sv_w, VEC)[:, None] + ch[None, :] * sv_d,
-                         mask=ld, other=0.0).to(tl.float32)
+                s = tl.where(ok[:, None], s, float("-inf"))
+            vv = tl.load(_ptrs(V, bi, sv_b, ii, jj, sv_h, sv_w, hd, sv_n, ch, sv_d, VEC), mask=ld,
+                         other=0.0).to(tl.float32)
             m_new = tl.maximum(m, s)
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new)
             l_sum = l_sum * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * vv
+            acc = acc * alpha[:, :, None] + p[:, :, None] * vv
             m = m_new
     l_safe = tl.where(l_sum > 0, l_sum, 1.0)  # only out-of-image tile pixels can have l_sum == 0
-    out = acc / l_safe[:, None]
-    o_base = O + tl.multiple_of(bi * so_b + head * so_n, VEC)
-    tl.store(o_base + tl.multiple_of(i * so_h + j * so_w, VEC)[:, None] + ch[None, :] * so_d, out,
-             mask=in_img[:, None] & ch_ok[None, :])
-    lse_base = LSE + (bi * HEADS + head) * H * W
-    tl.store(lse_base + i * W + j, m + tl.log(l_safe), mask=in_img)
+    tl.store(_ptrs(O, bi, so_b, i, j, so_h, so_w, hd, so_n, ch, so_d, VEC), acc / l_safe[:, :, None],
+             mask=in_img[:, None, None] & ch_ok)
+    tl.store(LSE + (bi * HEADS + hd[None, :]) * H * W + (i * W + j)[:, None], m + tl.log(l_safe),
+             mask=in_img[:, None])
 
 
 @triton.jit
@@ -155,96 +200,78 @@ def _bwd_q_kernel(
     B, HEADS, H, W, D, HALF, TILES_W, N_TILES, scale,
     KS: tl.constexpr, KP: tl.constexpr, MASK: tl.constexpr, HAS_K: tl.constexpr,
     HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr, ROW_GRAD: tl.constexpr, COL_GRAD: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr, INT64: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     R: tl.constexpr = KS // 2
-    pid = tl.program_id(0)  # heads vary fastest: the programs of one tile share its cache lines
-    head = pid % HEADS
-    tile = (pid // HEADS) % N_TILES
-    bi = (pid // (HEADS * N_TILES)).to(tl.int64)
-    offs = tl.arange(0, TH * TW)
-    i = (tile // TILES_W) * TH + offs // TW
-    j = (tile % TILES_W) * TW + offs % TW
-    if INT64:
-        i = i.to(tl.int64)
-        j = j.to(tl.int64)
+    P: tl.constexpr = TH * TW
+    bi, hd, tile, i, j = _program_tile(HEADS, N_TILES, TILES_W, TH, TW, HB, INT64)
     ch = tl.arange(0, BD)
-    ch_ok = ch < D
+    ch_ok = (ch < D)[None, None, :]
     in_img = (i < H) & (j < W)
-    own = in_img[:, None] & ch_ok[None, :]
+    own = in_img[:, None, None] & ch_ok
 
-    q_base = Q + tl.multiple_of(bi * sq_b + head * sq_n, VEC)
-    do_base = DO + tl.multiple_of(bi * sdo_b + head * sdo_n, VEC)
-    o_base = O + tl.multiple_of(bi * so_b + head * so_n, VEC)
-    q = tl.load(q_base + tl.multiple_of(i * sq_h + j * sq_w, VEC)[:, None] + ch[None, :] * sq_d,
-                mask=own, other=0.0).to(tl.float32)
-    do = tl.load(do_base + tl.multiple_of(i * sdo_h + j * sdo_w, VEC)[:, None] + ch[None, :] * sdo_d,
-                 mask=own, other=0.0).to(tl.float32)
-    o = tl.load(o_base + tl.multiple_of(i * so_h + j * so_w, VEC)[:, None] + ch[None, :] * so_d,
-                mask=own, other=0.0).to(tl.float32)
-    delta = tl.sum(do * o, axis=1)  # (P,) sum_ab p_ab dp_ab
-    plane = (bi * HEADS + head) * H * W
-    tl.store(DELTA + plane + i * W + j, delta, mask=in_img)
-    lse = tl.load(LSE + plane + i * W + j, mask=in_img, other=0.0)
+    q = tl.load(_ptrs(Q, bi, sq_b, i, j, sq_h, sq_w, hd, sq_n, ch, sq_d, VEC), mask=own, other=0.0).to(tl.float32)
+    do = tl.load(_ptrs(DO, bi, sdo_b, i, j, sdo_h, sdo_w, hd, sdo_n, ch, sdo_d, VEC), mask=own,
+                 other=0.0).to(tl.float32)
+    o = tl.load(_ptrs(O, bi, so_b, i, j, so_h, so_w, hd, so_n, ch, so_d, VEC), mask=own, other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, axis=2)  # (P, HB) sum_ab p_ab dp_ab
+    plane = (bi * HEADS + hd[None, :]) * H * W + (i * W + j)[:, None]  # (P, HB) index into (B, heads, H, W)
+    tl.store(DELTA + plane, delta, mask=in_img[:, None])
+    lse = tl.load(LSE + plane, mask=in_img[:, None], other=0.0)
 
-    k_base = Kt + tl.multiple_of(bi * sk_b + head * sk_n, VEC)
-    v_base = V + tl.multiple_of(bi * sv_b + head * sv_n, VEC)
     kidx = tl.arange(0, KP)
-    dq = tl.zeros([TH * TW, BD], tl.float32)
-    g_rows = tl.zeros([KP, BD], tl.float32)  # row-table gradient partial (channels < HALF used)
-    s_cols = tl.zeros([TH * TW, KP], tl.float32)  # per pixel, sum over row offsets of ds, per column offset
+    dq = tl.zeros([P, HB, BD], tl.float32)
+    g_rows = tl.zeros([KP, HB, BD], tl.float32)  # row-table gradient partial (channels < HALF used)
+    s_cols = tl.zeros([P, HB, KP], tl.float32)  # per pixel and head, sum over row offsets of ds, per column offset
     for a in range(KS):
         ii = i + (a - R)
         row_ok = (ii >= 0) & (ii < H)
-        rrow = tl.zeros([BD], tl.float32)
-        if HAS_ROWS:
-            rrow = tl.load(RR + head * srr_n + a * srr_k + ch * srr_c, mask=ch < HALF, other=0.0).to(tl.float32)
-        s_row = tl.zeros([TH * TW], tl.float32)  # per pixel, sum over column offsets of ds
+        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HALF, HAS_ROWS, HB, BD)
+        s_row = tl.zeros([P, HB], tl.float32)  # per pixel and head, sum over column offsets of ds
         for b in range(KS):
             jj = j + (b - R)
             ok = row_ok & (jj >= 0) & (jj < W)
-            ld = ok[:, None] & ch_ok[None, :]
-            t = tl.zeros([TH * TW, BD], tl.float32)
+            ld = ok[:, None, None] & ch_ok
+            t = tl.zeros([P, HB, BD], tl.float32)
             if HAS_K:
-                t = tl.load(k_base + tl.multiple_of(ii * sk_h + jj * sk_w, VEC)[:, None] + ch[None, :] * sk_d,
-                            mask=ld, other=0.0).to(tl.float32)
+                t = tl.load(_ptrs(Kt, bi, sk_b, ii, jj, sk_h, sk_w, hd, sk_n, ch, sk_d, VEC), mask=ld,
+                            other=0.0).to(tl.float32)
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
                 if HAS_COLS:
-                    rel = rrow + tl.load(RC + head * src_n + b * src_k + (ch - HALF) * src_c,
-                                   mask=(ch >= HALF) & ch_ok, other=0.0).to(tl.float32)
-                t = t + rel[None, :]
-            s = tl.sum(q * t, axis=1) * scale
+                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch, HALF, D)
+                t = t + rel[None, :, :]
+            s = tl.sum(q * t, axis=2) * scale
             p = tl.exp(s - lse)
             if MASK:
-                p = tl.where(ok, p, 0.0)
-            vv = tl.load(v_base + tl.multiple_of(ii * sv_h + jj * sv_w, VEC)[:, None] + ch[None, :] * sv_d,
-                         mask=ld, other=0.0).to(tl.float32)
-            ds = p * (tl.sum(do * vv, axis=1) - delta) * scale  # (P,) d loss / d raw logit
-            dq += ds[:, None] * t
+                p = tl.where(ok[:, None], p, 0.0)
+            vv = tl.load(_ptrs(V, bi, sv_b, ii, jj, sv_h, sv_w, hd, sv_n, ch, sv_d, VEC), mask=ld,
+                         other=0.0).to(tl.float32)
+            ds = p * (tl.sum(do * vv, axis=2) - delta) * scale  # (P, HB) d loss / d raw logit
+            dq += ds[:, :, None] * t
             if ROW_GRAD:
                 s_row += ds
             if COL_GRAD:
-                s_cols += tl.where(kidx[None, :] == b, ds[:, None], 0.0)
+                s_cols += tl.where(kidx[None, None, :] == b, ds[:, :, None], 0.0)
         if ROW_GRAD:
-            g = tl.sum(s_row[:, None] * q, axis=0)  # (BD,)
-            g_rows += tl.where(kidx[:, None] == a, g[None, :], 0.0)
+            g = tl.sum(s_row[:, :, None] * q, axis=0)  # (HB, BD)
+            g_rows += tl.where(kidx[:, None, None] == a, g[None, :, :], 0.0)
 
-    dq_base = DQ + tl.multiple_of(bi * sdq_b + head * sdq_n, VEC)
-    tl.store(dq_base + tl.multiple_of(i * sdq_h + j * sdq_w, VEC)[:, None] + ch[None, :] * sdq_d, dq, mask=own)
+    tl.store(_ptrs(DQ, bi, sdq_b, i, j, sdq_h, sdq_w, hd, sdq_n, ch, sdq_d, VEC), dq, mask=own)
     if ROW_GRAD or COL_GRAD:
         g_all = g_rows
         if COL_GRAD:
-            g_cols = tl.zeros([KP, BD], tl.float32)
+            g_cols = tl.zeros([KP, HB, BD], tl.float32)
             for b in range(KS):
-                col = tl.sum(tl.where(kidx[None, :] == b, s_cols, 0.0), axis=1)  # (P,)
-                g = tl.sum(col[:, None] * q, axis=0)
-                g_cols += tl.where(kidx[:, None] == b, g[None, :], 0.0)
-            g_all = tl.where(ch[None, :] < HALF, g_rows, g_cols)
+                col = tl.sum(tl.where(kidx[None, None, :] == b, s_cols, 0.0), axis=2)  # (P, HB)
+                g = tl.sum(col[:, :, None] * q, axis=0)  # (HB, BD)
+                g_cols += tl.where(kidx[:, None, None] == b, g[None, :, :], 0.0)
+            g_all = tl.where(ch[None, None, :] < HALF, g_rows, g_cols)
         # DREL: (HEADS, B, N_TILES, KS, D) fp32 partials, summed on the host
-        prog = (head * B + bi) * N_TILES + tile
-        tl.store(DREL + prog * KS * D + kidx[:, None] * D + ch[None, :], g_all,
-                 mask=(kidx[:, None] < KS) & ch_ok[None, :])
+        prog = (hd * B + bi) * N_TILES + tile  # (HB,)
+        tl.store(DREL + prog[None, :, None] * KS * D + kidx[:, None, None] * D + ch[None, None, :], g_all,
+                 mask=(kidx < KS)[:, None, None] & ch_ok)
 
 
 @triton.jit
@@ -260,72 +287,56 @@ def _bwd_kv_kernel(
     src_n, src_k, src_c,
     HEADS, H, W, D, HALF, TILES_W, N_TILES, scale,
     KS: tl.constexpr, HAS_K: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr, INT64: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     R: tl.constexpr = KS // 2
-    pid = tl.program_id(0)  # heads vary fastest: the programs of one tile share its cache lines
-    head = pid % HEADS
-    tile = (pid // HEADS) % N_TILES
-    bi = (pid // (HEADS * N_TILES)).to(tl.int64)
-    offs = tl.arange(0, TH * TW)
-    i = (tile // TILES_W) * TH + offs // TW  # (P,) key rows
-    j = (tile % TILES_W) * TW + offs % TW  # (P,) key columns
-    if INT64:
-        i = i.to(tl.int64)
-        j = j.to(tl.int64)
+    P: tl.constexpr = TH * TW
+    bi, hd, tile, i, j = _program_tile(HEADS, N_TILES, TILES_W, TH, TW, HB, INT64)  # (i, j): key pixels
     ch = tl.arange(0, BD)
-    ch_ok = ch < D
+    ch_ok = (ch < D)[None, None, :]
     in_img = (i < H) & (j < W)
-    own = in_img[:, None] & ch_ok[None, :]
+    own = in_img[:, None, None] & ch_ok
 
-    kk = tl.zeros([TH * TW, BD], tl.float32)
+    kk = tl.zeros([P, HB, BD], tl.float32)
     if HAS_K:
-        k_base = Kt + tl.multiple_of(bi * sk_b + head * sk_n, VEC)
-        kk = tl.load(k_base + tl.multiple_of(i * sk_h + j * sk_w, VEC)[:, None] + ch[None, :] * sk_d,
-                     mask=own, other=0.0).to(tl.float32)
-    v_base = V + tl.multiple_of(bi * sv_b + head * sv_n, VEC)
-    vv = tl.load(v_base + tl.multiple_of(i * sv_h + j * sv_w, VEC)[:, None] + ch[None, :] * sv_d,
-                 mask=own, other=0.0).to(tl.float32)
-    q_base = Q + tl.multiple_of(bi * sq_b + head * sq_n, VEC)
-    do_base = DO + tl.multiple_of(bi * sdo_b + head * sdo_n, VEC)
-    plane = (bi * HEADS + head) * H * W
-    dk = tl.zeros([TH * TW, BD], tl.float32)
-    dv = tl.zeros([TH * TW, BD], tl.float32)
+        kk = tl.load(_ptrs(Kt, bi, sk_b, i, j, sk_h, sk_w, hd, sk_n, ch, sk_d, VEC), mask=own,
+                     other=0.0).to(tl.float32)
+    vv = tl.load(_ptrs(V, bi, sv_b, i, j, sv_h, sv_w, hd, sv_n, ch, sv_d, VEC), mask=own, other=0.0).to(tl.float32)
+    planes = (bi * HEADS + hd[None, :]) * H * W  # (1, HB)
+    dk = tl.zeros([P, HB, BD], tl.float32)
+    dv = tl.zeros([P, HB, BD], tl.float32)
     for a in range(KS):
         qi = i - (a - R)  # the query that sees this key at row offset a
         row_ok = (qi >= 0) & (qi < H) & in_img
-        rrow = tl.zeros([BD], tl.float32)
-        if HAS_ROWS:
-            rrow = tl.load(RR + head * srr_n + a * srr_k + ch * srr_c, mask=ch < HALF, other=0.0).to(tl.float32)
+        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HALF, HAS_ROWS, HB, BD)
         for b in range(KS):
             qj = j - (b - R)
             ok = row_ok & (qj >= 0) & (qj < W)  # (P,) query inside the image
-            ld = ok[:, None] & ch_ok[None, :]
+            ld = ok[:, None, None] & ch_ok
             t = kk
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
                 if HAS_COLS:
-                    rel = rrow + tl.load(RC + head * src_n + b * src_k + (ch - HALF) * src_c,
-                                   mask=(ch >= HALF) & ch_ok, other=0.0).to(tl.float32)
-                t = t + rel[None, :]
-            qs = tl.load(q_base + tl.multiple_of(qi * sq_h + qj * sq_w, VEC)[:, None] + ch[None, :] * sq_d,
-                         mask=ld, other=0.0).to(tl.float32)
-            dos = tl.load(do_base + tl.multiple_of(qi * sdo_h + qj * sdo_w, VEC)[:, None] + ch[None, :] * sdo_d,
-                          mask=ld, other=0.0).to(tl.float32)
-            lse = tl.load(LSE + plane + qi * W + qj, mask=ok, other=0.0)
-            s = tl.sum(qs * t, axis=1) * scale
-            p = tl.where(ok, tl.exp(s - lse), 0.0)
-            dv += p[:, None] * dos
+                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch, HALF, D)
+                t = t + rel[None, :, :]
+            qs = tl.load(_ptrs(Q, bi, sq_b, qi, qj, sq_h, sq_w, hd, sq_n, ch, sq_d, VEC), mask=ld,
+                         other=0.0).to(tl.float32)
+            dos = tl.load(_ptrs(DO, bi, sdo_b, qi, qj, sdo_h, sdo_w, hd, sdo_n, ch, sdo_d, VEC), mask=ld,
+                          other=0.0).to(tl.float32)
+            at = planes + (qi * W + qj)[:, None]  # (P, HB)
+            lse = tl.load(LSE + at, mask=ok[:, None], other=0.0)
+            s = tl.sum(qs * t, axis=2) * scale
+            p = tl.where(ok[:, None], tl.exp(s - lse), 0.0)
+            dv += p[:, :, None] * dos
             if HAS_K:
-                delta = tl.load(DELTA + plane + qi * W + qj, mask=ok, other=0.0)
-                ds = p * (tl.sum(dos * vv, axis=1) - delta) * scale
-                dk += ds[:, None] * qs
+                delta = tl.load(DELTA + at, mask=ok[:, None], other=0.0)
+                ds = p * (tl.sum(dos * vv, axis=2) - delta) * scale
+                dk += ds[:, :, None] * qs
 
     if HAS_K:
-        dk_base = DK + tl.multiple_of(bi * sdk_b + head * sdk_n, VEC)
-        tl.store(dk_base + tl.multiple_of(i * sdk_h + j * sdk_w, VEC)[:, None] + ch[None, :] * sdk_d, dk, mask=own)
-    dv_base = DV + tl.multiple_of(bi * sdv_b + head * sdv_n, VEC)
-    tl.store(dv_base + tl.multiple_of(i * sdv_h + j * sdv_w, VEC)[:, None] + ch[None, :] * sdv_d, dv, mask=own)
+        tl.store(_ptrs(DK, bi, sdk_b, i, j, sdk_h, sdk_w, hd, sdk_n, ch, sdk_d, VEC), dk, mask=own)
+    tl.store(_ptrs(DV, bi, sdv_b, i, j, sdv_h, sdv_w, hd, sdv_n, ch, sdv_d, VEC), dv, mask=own)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,19 +397,19 @@ def forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: fl
     if out.numel() == 0:
         return out, lse
     bd = _next_pow2(d)
-    th, tw, num_warps = tile_config(H, W, bd, "fwd")
+    th, tw, num_warps, hb = tile_config(H, W, bd, "fwd", heads)
     tiles_w = triton.cdiv(W, tw)
     n_tiles = triton.cdiv(H, th) * tiles_w
     kt = k if k is not None else q  # dummy pointer, never read
     rr = rel_rows if rel_rows is not None else q
     rc = rel_cols if rel_cols is not None else q
-    _fwd_kernel[(B * n_tiles * heads,)](
+    _fwd_kernel[(B * n_tiles * (heads // hb),)](
         q, kt, v, rr, rc, out, lse,
         *_strides(q), *_strides(kt), *_strides(v), *_strides(out),
         *_table_strides(rel_rows), *_table_strides(rel_cols),
         heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
         KS=kernel_size, MASK=bool(mask), HAS_K=k is not None, HAS_ROWS=rel_rows is not None,
-        HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, INT64=_needs_int64(q, kt, v, out),
+        HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, HB=hb, INT64=_needs_int64(q, kt, v, out),
         VEC=_vector_width(bd, q, k, v, out), num_warps=num_warps,
     )
     return out, lse
@@ -427,19 +438,19 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
     int64 = _needs_int64(q, kt, v, out, dout)
     delta = torch.empty((B, heads, H, W), dtype=torch.float32, device=q.device)
 
-    th, tw, num_warps = tile_config(H, W, bd, "bwd_q")
+    th, tw, num_warps, hb = tile_config(H, W, bd, "bwd_q", heads)
     tiles_w = triton.cdiv(W, tw)
     n_tiles = triton.cdiv(H, th) * tiles_w
     drel = torch.empty((heads, B, n_tiles, kernel_size, d) if (row_grad or col_grad) else (1,),
                        dtype=torch.float32, device=q.device)
-    _bwd_q_kernel[(B * n_tiles * heads,)](
+    _bwd_q_kernel[(B * n_tiles * (heads // hb),)](
         q, kt, v, out, dout, lse, delta, dq, drel, rr, rc,
         *_strides(q), *_strides(kt), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
         *_table_strides(rel_rows), *_table_strides(rel_cols),
         B, heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
         KS=kernel_size, KP=_next_pow2(kernel_size), MASK=bool(mask), HAS_K=k is not None,
         HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None, ROW_GRAD=row_grad, COL_GRAD=col_grad,
-        TH=th, TW=tw, BD=bd, INT64=int64, VEC=vec, num_warps=num_warps,
+        TH=th, TW=tw, BD=bd, HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
     )
     drows = dcols = None
     if row_grad or col_grad:
@@ -452,16 +463,16 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
             dcols = (g if rel_cols.dim() == 3 else g.sum(0)).to(rel_cols.dtype, copy=True)
 
     if need_kv:
-        th, tw, num_warps = tile_config(H, W, bd, "bwd_kv")
+        th, tw, num_warps, hb = tile_config(H, W, bd, "bwd_kv", heads)
         tiles_w = triton.cdiv(W, tw)
         n_tiles = triton.cdiv(H, th) * tiles_w
         dkt = dk if dk is not None else dv
-        _bwd_kv_kernel[(B * n_tiles * heads,)](
+        _bwd_kv_kernel[(B * n_tiles * (heads // hb),)](
             q, kt, v, dout, lse, delta, dkt, dv, rr, rc,
             *_strides(q), *_strides(kt), *_strides(v), *_strides(dout), *_strides(dkt), *_strides(dv),
             *_table_strides(rel_rows), *_table_strides(rel_cols),
             heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
             KS=kernel_size, HAS_K=k is not None, HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None,
-            TH=th, TW=tw, BD=bd, INT64=int64, VEC=vec, num_warps=num_warps,
+            TH=th, TW=tw, BD=bd, HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
         )
     return dq, dk, dv, drows, dcols

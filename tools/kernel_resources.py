@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Registers, spills and shared memory of the Triton kernels per launch configuration, compiled offline (no GPU).
+
+Compiles ``sasa/backends/triton_kernels.py``'s three kernels ahead of time for an NVIDIA architecture (default
+sm_90a: H100 / H200) with the argument types of a bf16 training launch at a ResNet-50 stage (fused QKV views, shared
+relative tables, K=7, zeros padding), runs the ``ptxas`` that ships with Triton on the PTX, and prints its
+per-thread register count, spill stores / loads and the kernel's shared memory. Spills or >128 registers at 8 warps
+(occupancy) rule a configuration out before it costs GPU time in ``tools/tile_sweep.py``; nothing here says how
+fast a configuration is.
+
+Usage::
+
+    python tools/kernel_resources.py --stages 1,2 --heads 1,2,4,8 --tiles 8x8,4x8 --warps 4,8 [--out FILE]
+
+Uses Triton's compiler internals (``triton.compile`` on an ``ASTSource``, ``GPUTarget``), checked with Triton 3.8;
+other versions may need the signature format adjusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STAGES = {1: (64, 64), 2: (32, 128), 3: (16, 256), 4: (8, 512)}  # (map side, channels); 8 heads
+SIZES = ("B", "HEADS", "H", "W", "D", "HALF", "TILES_W", "N_TILES")
+
+
+def _signature(fn, hw: int, C: int, constexprs: dict) -> tuple[dict, dict, dict]:
+    """Argument types, constexprs (incl. unit strides, which Triton specialises) and 16-divisibility hints."""
+    d = C // 8
+    fused = {"b": hw * hw * 3 * C, "h": hw * 3 * C, "w": 3 * C, "n": d, "d": 1}  # q, k, v: views of (.., 3, 8, d)
+    plain = {"b": hw * hw * C, "h": hw * C, "w": C, "n": d, "d": 1}  # out, dout, dq, dk, dv
+    table = {"n": 0, "k": d // 2, "c": 1}  # shared (K, d/2) tables
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for idx, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("LSE", "DELTA", "DREL"):
+            sig[name], attrs[(idx,)] = "*fp32", [["tt.divisibility", 16]]
+        elif name == "scale":
+            sig[name] = "fp32"
+        elif name in SIZES:
+            sig[name] = "i32"
+        elif name[0].isupper():
+            sig[name], attrs[(idx,)] = "*bf16", [["tt.divisibility", 16]]
+        else:
+            tensor, axis = re.fullmatch(r"s(\w+)_(\w)", name).groups()
+            value = table[axis] if tensor in ("rr", "rc") else (fused if tensor in ("q", "k", "v") else plain)[axis]
+            if value == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32"
+                if value % 16 == 0:
+                    attrs[(idx,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: int, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    hw, C = STAGES[stage]
+    fn = {"fwd": tk._fwd_kernel, "bwd_q": tk._bwd_q_kernel, "bwd_kv": tk._bwd_kv_kernel}[kind]
+    consts = dict(KS=7, HAS_K=True, HAS_ROWS=True, HAS_COLS=True, TH=tile[0], TW=tile[1], BD=C // 8, HB=hb,
+                  INT64=False, VEC=8)
+    if kind != "bwd_kv":
+        consts["MASK"] = False
+    if kind == "bwd_q":
+        consts.update(KP=8, ROW_GRAD=True, COL_GRAD=True)
+    sig, consts, attrs = _signature(fn, hw, C, consts)
+    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.devnull], capture_output=True,
+                             text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"kind": kind, "stage": stage, "tile": list(tile), "num_warps": warps, "heads_per_program": hb,
+            "registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1)),
+            "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stages", default="1,2")
+    parser.add_argument("--kinds", default="fwd,bwd_q,bwd_kv")
+    parser.add_argument("--tiles", default="8x8", help="THxTW,...")
+    parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--heads", default="1,2,4,8", help="heads per program (HB)")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90 = H100 / H200)")
+    parser.add_argument("--out", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from sasa.backends.triton_backend import kernels_for
+
+    tk = kernels_for(torch.device("cuda"))  # the compiled (not interpreted) module; nothing is launched
+    rows = []
+    print(f"{'kind':7s} {'stage':>5s} {'tile':>5s} {'warps':>5s} {'HB':>3s} {'regs':>5s} {'spill st/ld B':>14s} "
+          f"{'smem B':>7s}")
+    for stage in map(int, args.stages.split(",")):
+        for kind in args.kinds.split(","):
+            for tile in (tuple(map(int, t.split("x"))) for t in args.tiles.split(",")):
+                for warps in map(int, args.warps.split(",")):
+                    for hb in map(int, args.heads.split(",")):
+                        try:
+                            r = resources(tk, kind, stage, tile, warps, hb, args.arch)
+                        except Exception as e:  # noqa: BLE001  (one failing configuration is a row)
+                            r = {"kind": kind, "stage": stage, "tile": list(tile), "num_warps": warps,
+                                 "heads_per_program": hb, "error": f"{type(e).__name__}: {e}"[:300]}
+                            print(f"{kind:7s} {stage:5d} {tile[0]}x{tile[1]:<3d} {warps:5d} {hb:3d} {r['error']}")
+                        else:
+                            print(f"{kind:7s} {stage:5d} {tile[0]}x{tile[1]:<3d} {warps:5d} {hb:3d} "
+                                  f"{r['registers']:5d} {r['spill_store_bytes']:>6d}/{r['spill_load_bytes']:<7d} "
+                                  f"{r['shared_bytes']:7d}", flush=True)
+                        rows.append(r)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
