@@ -132,12 +132,11 @@ class AttentionStem(nn.Module):
         g = torch.einsum("hoc,hoe->che", wq, wk).reshape(C, heads * C) * self.scale  # G_h = W_Q,h^T W_K,h
         if self.values == "spatial":
             pm = self.mixture_weights()  # (s*s, m)
-            xm = (pm[:, :, None] * xb[:, :, None, :]).flatten(2)  # (N, s*s, m*C_in): p(b, m) x_b
             wv = self.value_weight.view(self.mixtures, heads, d, C).permute(1, 0, 3, 2)  # (heads, m, C_in, d)
         else:
-            xm = xb
+            pm = None
             wv = self.value.weight.view(heads, d, C).transpose(1, 2)  # (heads, C_in, d)
-        return stem_block_attention(xb, g, xm, wv.reshape(heads, -1, d), shape=(B, H // s, W // s, s))
+        return stem_block_attention(xb, g, pm, wv.reshape(heads, -1, d), shape=(B, H // s, W // s, s))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The textbook formulation: q, k, v projections of every pixel, softmax(q k^T) v per block and head.

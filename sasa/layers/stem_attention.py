@@ -10,14 +10,15 @@
   once per head with its ``(M * C, d)`` matrix.
 
 ``stem_block_attention`` runs that as one ``torch.autograd.Function`` that saves only its inputs (the image in
-blocks, the mixed inputs and three small matrices; ``3 + 3 M`` values per pixel) and recomputes the
-probabilities in the backward, so the full-resolution ``heads x s^2`` probabilities and the projected q / k / v are
+blocks, ``C`` values per pixel, and four small matrices) and recomputes the mixed inputs and the probabilities in
+the backward, so the full-resolution ``heads x s^2`` probabilities and the projected q / k / v are
 never kept for the backward. The output is written straight in NCHW order (per-head GEMMs with a transposed
 operand; no permute of the 64-channel result). Under autocast the GEMMs run in the autocast dtype and the softmax
 and its backward in fp32.
 
 Layouts: ``xb`` ``(N, L, C)`` with N = batch * blocks (row-major: batch, block row, block column) and L = s * s
-(row-major inside the block); ``xm`` ``(N, L, J)``; ``g`` ``(C, heads * C)``; ``wv`` ``(heads, J, d)``.
+(row-major inside the block); ``pm`` ``(L, M)``; ``g`` ``(C, heads * C)``; ``wv`` ``(heads, J, d)`` with J = M * C
+(J = C for plain values, ``pm=None``).
 
 Status: complete; exact (float64 gradcheck, and tests against the textbook formulation
 ``AttentionStem.reference_forward``). Measured in BENCHMARKS.md.
@@ -34,6 +35,13 @@ def _probabilities(xb: torch.Tensor, g: torch.Tensor, heads: int) -> tuple[torch
     u = (xb @ g).view(N, L * heads, C)  # (N*L, heads*C) -> (N, L*heads, C)
     logits = u @ xb.transpose(1, 2)  # (N, L*heads, L)
     return u, torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _mixed(xb: torch.Tensor, pm: torch.Tensor | None) -> torch.Tensor:
+    """The attended values' inputs: ``p(b, m) x_b`` as ``(N, L, M * C)``, or ``xb`` itself without mixtures."""
+    if pm is None:
+        return xb
+    return (pm[:, :, None] * xb[:, :, None, :]).flatten(2)  # (N, L, M, C) -> (N, L, M*C)
 
 
 def _to_raster(y: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
@@ -75,19 +83,21 @@ def _project(yr: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
 
 class _StemAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xb, g, xm, wv, shape: tuple[int, int, int, int]):
+    def forward(ctx, xb, g, pm, wv, shape: tuple[int, int, int, int]):
         B, Hb, Wb, s = shape
         heads = wv.shape[0]
+        xm = _mixed(xb, pm)
         _, P = _probabilities(xb, g, heads)
         y = P.to(xm.dtype) @ xm  # (N, L*heads, J)
         out = _project(_to_raster(y, shape), wv)  # (B, C_out, H*W)
-        ctx.save_for_backward(xb, g, xm, wv)
+        ctx.save_for_backward(xb, g, pm, wv)
         ctx.shape = shape
         return out.view(B, -1, Hb * s, Wb * s)
 
     @staticmethod
     def backward(ctx, dout):
-        xb, g, xm, wv = ctx.saved_tensors
+        xb, g, pm, wv = ctx.saved_tensors
+        xm = _mixed(xb, pm)  # recomputed too: an elementwise product
         shape = ctx.shape
         heads, J, d = wv.shape
         N, L, C = xb.shape
@@ -114,24 +124,33 @@ class _StemAttention(torch.autograd.Function):
         du = du.view(N * L, heads * C)
         dg = xb.reshape(N * L, C).t() @ du  # (C, heads*C)
         dxb = dxb + (du @ g.t()).view(N, L, C)  # query side
-        return dxb, dg, dxm, dwv, None
+        dpm = None
+        if pm is not None:  # xm = p(b, m) x_b
+            dxm = dxm.view(N, L, -1, C)  # (N, L, M, C)
+            dxb = dxb + (dxm * pm[:, :, None]).sum(2)
+            dpm = torch.einsum("nlmc,nlc->lm", dxm, xb)
+        else:
+            dxb = dxb + dxm
+        return dxb, dg, dpm, dwv, None
 
 
-def stem_block_attention(xb: torch.Tensor, g: torch.Tensor, xm: torch.Tensor, wv: torch.Tensor, *,
+def stem_block_attention(xb: torch.Tensor, g: torch.Tensor, pm: torch.Tensor | None, wv: torch.Tensor, *,
                          shape: tuple[int, int, int, int]) -> torch.Tensor:
     """Block attention of the attention stem in its reassociated form; returns ``(B, C_out, H, W)`` contiguous.
 
     Args:
         xb: the input in blocks, ``(N, L, C)``.
         g: ``(C, heads * C)``, column block h = ``scale * W_Q,h^T W_K,h``.
-        xm: the values' inputs, ``(N, L, J)`` (``p(b, m) x_b`` for spatially-aware values, ``x_b`` for plain).
+        pm: ``(L, M)`` mixture weights p(b, m) of the spatially-aware values (the attended values' inputs are then
+            ``p(b, m) x_b``, J = M * C), or None for plain values (``x_b``, J = C).
         wv: ``(heads, J, d)`` value projections (head h maps its J attended inputs to its d output channels).
         shape: ``(B, H / s, W / s, s)``.
     """
     device = xb.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        xb, g, xm, wv = (t.to(dtype) for t in (xb, g, xm, wv))
+        xb, g, wv = (t.to(dtype) for t in (xb, g, wv))
+        pm = pm.to(dtype) if pm is not None else None
         with torch.autocast(device, enabled=False):
-            return _StemAttention.apply(xb, g, xm, wv, shape)
-    return _StemAttention.apply(xb, g, xm, wv, shape)
+            return _StemAttention.apply(xb, g, pm, wv, shape)
+    return _StemAttention.apply(xb, g, pm, wv, shape)
