@@ -116,7 +116,8 @@ def _add_bench(sub) -> None:
                                                        "than this (default 40 on GPU)")
     g = p.add_argument_group("model mode")
     g.add_argument("--models", help="comma-separated model names (default: resnet50,sasa_resnet50_convstem,"
-                                    "sasa_resnet50 on GPU; the resnet26 family on CPU)")
+                                    "sasa_resnet50 on GPU; the resnet26 family on CPU); NAME@KEY=VALUE adds "
+                                    "constructor arguments, e.g. sasa_resnet50_convstem@recompute_qkv=True")
     g.add_argument("--model-batch", type=int, help="training / inference batch (default: 64 on GPU, 8 on CPU)")
     g.add_argument("--backend", help="force one attention backend in the models (default: automatic choice)")
     g.add_argument("--compile", action="store_true", help="wrap each model with torch.compile (first step compiles)")

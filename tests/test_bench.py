@@ -71,6 +71,19 @@ def test_bench_small_record(tmp_path, one_thread, capsys):
     assert models[1]["backend"].endswith("(auto)")
 
 
+def test_bench_model_arguments(tmp_path, one_thread):
+    from sasa.bench.model import parse_model
+
+    assert parse_model("sasa_resnet26@recompute_qkv=True@kernel_size=5") == (
+        "sasa_resnet26", {"recompute_qkv": True, "kernel_size": 5})
+    out = tmp_path / "bench.json"
+    models = "test_resnet,test_sasa_resnet@recompute_qkv=True,test_sasa_resnet@no_such_arg=1"
+    assert main(["bench", "--small", "--device", "cpu", "--mode", "model", "--models", models, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["model"]
+    assert rows[1]["model"] == "test_sasa_resnet@recompute_qkv=True" and rows[1]["error"] is None
+    assert "no_such_arg" in rows[2]["error"]
+
+
 def test_bench_failing_backend_is_a_row(tmp_path, one_thread):
     out = tmp_path / "bench.json"
     args = ["bench", "--small", "--device", "cpu", "--mode", "layer", "--shapes", "4x4x16", "--backends",

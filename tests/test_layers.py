@@ -256,3 +256,65 @@ def test_inplace_relu_after_layer(backend):
     torch.relu_(layer(x)).sum().backward()
     expected = torch.autograd.grad(torch.relu(layer(x)).sum(), x)[0]
     torch.testing.assert_close(x.grad, expected)
+
+
+# ------------------------------------------------------------------------------------------ recompute_qkv
+def _grads(layer, x, g):
+    out = layer(x)
+    return [out, *torch.autograd.grad(out, [x, *[p for p in layer.parameters() if p.requires_grad]], g)]
+
+
+@pytest.mark.parametrize("backend", sasa.available_backends("cpu"))
+@pytest.mark.parametrize("options", [{}, {"stride": 2}, {"positional": "absolute"}, {"query_key": False},
+                                     {"rel_per_head": True, "padding": "mask"}], ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_recompute_qkv_same_gradients(backend, options, fmt):
+    torch.manual_seed(0)
+    layer = SelfAttention2d(8, 8, 3, heads=2, backend=backend, **options)
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=fmt).requires_grad_()
+    g = torch.randn_like(layer(x))
+    expected = _grads(layer, x, g)
+    layer.recompute_qkv = True
+    assert "recompute_qkv=True" in repr(layer)
+    for got, want in zip(_grads(layer, x, g), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(torch._C, "_storage_Use_Count"), reason="needs torch._C._storage_Use_Count")
+def test_recompute_qkv_drops_the_projection():
+    """After the forward only the test itself references the projection's output (the graph holds recipes)."""
+    for recompute, expect_free in ((False, False), (True, True)):
+        layer = SelfAttention2d(8, 8, 3, heads=2, backend="shifted", recompute_qkv=recompute)
+        seen = []
+        layer.qkv.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.untyped_storage()))
+        out = layer(torch.randn(1, 8, 6, 6, requires_grad=True))
+        assert (torch._C._storage_Use_Count(seen[0]._cdata) == 1) == expect_free
+        out.sum().backward()
+
+
+def test_recompute_qkv_input_changed_in_place_raises():
+    layer = SelfAttention2d(8, 8, 3, heads=2, backend="shifted", recompute_qkv=True)
+    x = torch.randn(1, 8, 6, 6, requires_grad=True)
+    h = x * 1.0
+    out = layer(h)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_recompute_qkv_under_autocast_and_in_models():
+    torch.manual_seed(0)
+    layer = SelfAttention2d(8, 8, 3, heads=2, backend="shifted")
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    g = torch.randn_like(out)
+    expected = torch.autograd.grad(out, [x, layer.qkv.weight], g)
+    layer.recompute_qkv = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    for got, want in zip(torch.autograd.grad(out, [x, layer.qkv.weight], g), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    model = sasa.create_model("test_sasa_resnet", recompute_qkv=True)
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention2d)]
+    assert layers and all(m.recompute_qkv for m in layers)

@@ -132,6 +132,21 @@ def test_partial_requires_grad_and_determinism(interpret):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_layer_recompute_qkv(interpret, stride):
+    """``SelfAttention2d(recompute_qkv=True)``: the kernels' saved q / k / v are rebuilt from the recomputed
+    projection in the backward; gradients are identical."""
+    torch.manual_seed(0)
+    layer = sasa.SelfAttention2d(8, 8, 3, stride=stride, heads=2, backend="triton")
+    x = torch.randn(1, 8, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = layer(x)
+    g = torch.randn_like(out)
+    expected = torch.autograd.grad(out, [x, *layer.parameters()], g)
+    layer.recompute_qkv = True
+    for got, want in zip(torch.autograd.grad(layer(x), [x, *layer.parameters()], g), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_expanded_upstream_gradient(interpret):
     """``out.sum()`` hands the backward an all-stride-0 gradient; the kernels must not assume unit strides."""
     q, k, v, rows, cols, leaves = _inputs(1, 4, 3, 1, 8, 3, fused=True)

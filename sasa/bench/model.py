@@ -3,6 +3,8 @@
 A training step is forward, cross-entropy on random labels, backward and an SGD (momentum 0.9) update, on one
 fixed random batch. Inference is a forward in eval mode under ``torch.inference_mode``. ``vs_conv`` divides a
 model's training images/s by the first attention-free model's in the same run (SPEC section 7's "ratio to conv").
+A model entry may carry constructor arguments after ``@``: ``sasa_resnet50_convstem@recompute_qkv=True`` (several
+``@key=value`` parts allowed), so variants of one model are measured side by side.
 
 Status: complete.
 """
@@ -46,8 +48,18 @@ def _record_backends():
         _backends.default_for = original
 
 
-def _measure(name: str, cfg: BenchConfig) -> dict:
-    overrides = {"backend": cfg.backend} if cfg.backend else {}
+def parse_model(spec: str) -> tuple[str, dict]:
+    """``"name@key=value@key=value"`` -> ``(name, {key: value})`` (values as Python literals, else strings)."""
+    from ..engine.config import parse_model_args
+
+    name, *args = spec.split("@")
+    return name, parse_model_args(args)
+
+
+def _measure(spec: str, cfg: BenchConfig) -> dict:
+    name, overrides = parse_model(spec)
+    if cfg.backend:
+        overrides["backend"] = cfg.backend
     model = cfg.to_device(create_model(name, num_classes=1000, **overrides))
     row = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     attention = _has_attention(model)

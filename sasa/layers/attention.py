@@ -11,13 +11,15 @@ Decisions the paper leaves open, taken as SPEC section 1 states them:
   in ceil mode so an odd map gives ceil(H / s) rows like the strided 3x3 conv and 1x1 shortcut it sits beside.
 
 The three projections run as one fused 1x1 convolution; q, k, v are strided channels-last views of its output, so
-no copy is made between the projection and the op.
+no copy is made between the projection and the op. ``recompute_qkv=True`` drops that output after the forward and
+recomputes it in the backward (``recompute.py``): less memory, one more 1x1 projection.
 
 Status: complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..functional import PADDING_MODES, check_kernel_size, local_attention_2d
 from .positional import sinusoidal_2d
+from .recompute import recompute_saved_views
 
 POSITIONAL = ("relative", "absolute", "none")
 
@@ -45,6 +48,8 @@ class SelfAttention2d(nn.Module):
         query_key: ``True`` for q.k + q.r logits; ``False`` for q.r-only logits with no key projection.
         rel_per_head: one pair of relative tables per head instead of one shared pair.
         backend: backend name for the op, ``None`` for the automatic choice.
+        recompute_qkv: keep only the projection's input for the backward and recompute q, k, v there (saves
+            3 x out_channels values per pixel for backends that keep their inputs, e.g. ``triton``).
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class SelfAttention2d(nn.Module):
         query_key: bool = True,
         rel_per_head: bool = False,
         backend: str | None = None,
+        recompute_qkv: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("heads", heads),
@@ -86,6 +92,7 @@ class SelfAttention2d(nn.Module):
         self.kernel_size, self.stride, self.heads, self.head_dim = kernel_size, stride, heads, head_dim
         self.padding, self.scale, self.positional = padding, float(scale), positional
         self.query_key, self.rel_per_head, self.backend = query_key, rel_per_head, backend
+        self.recompute_qkv = bool(recompute_qkv)
         self.num_proj = 3 if query_key else 2
         # one GEMM for q, (k,) v: (B, C_in, H, W) -> (B, num_proj * C_out, H, W)
         self.qkv = nn.Conv2d(in_channels, self.num_proj * out_channels, kernel_size=1, bias=False)
@@ -113,16 +120,18 @@ class SelfAttention2d(nn.Module):
         """The rows of the fused projection weight that produce the values, ``(C_out, C_in, 1, 1)``."""
         return self.qkv.weight[(self.num_proj - 1) * self.out_channels :]
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Input ``(B, C_in, H, W)`` -> channels-last views q, k (or None), v of ``(B, H, W, heads, head_dim)``."""
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """Checks ``x`` and adds the absolute position encoding when the layer uses one."""
         if x.dim() != 4:
             raise ValueError(f"SelfAttention2d expects a (B, C, H, W) input, got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"SelfAttention2d expects {self.in_channels} input channels, got {x.shape[1]}")
         if self.positional == "absolute":
             x = x + sinusoidal_2d(self.in_channels, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
-        B, _, H, W = x.shape
-        y = self.qkv(x)  # (B, P*C_out, H, W)
+        return x
+
+    def _split(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Projection ``(B, P*C_out, H, W)`` -> channels-last views q, k (or None), v of ``(B, H, W, heads, d)``."""
         # unbind (not indexing) so the backward stacks the three gradients in one copy, and unbind along the dim
         # that keeps that copy in y's own memory format (no NCHW <-> NHWC conversion in the projection's backward)
         if y.stride(1) == 1 and y.shape[1] > 1:  # channels_last memory: (B, H, W, P, heads, d) views
@@ -134,10 +143,17 @@ class SelfAttention2d(nn.Module):
         k = parts[1] if self.query_key else None
         return q, k, v
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Input ``(B, C_in, H, W)`` -> channels-last views q, k (or None), v of ``(B, H, W, heads, head_dim)``."""
+        return self._split(self.qkv(self._input(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project(x)
-        out = local_attention_2d(q, k, v, self.rel_rows, self.rel_cols, kernel_size=self.kernel_size,
-                                 padding=self.padding, scale=self.scale, backend=self.backend)
+        x = self._input(x)
+        y = self.qkv(x)  # (B, P*C_out, H, W)
+        recompute = self.recompute_qkv and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        with recompute_saved_views(y, lambda: self.qkv(x), guard=x) if recompute else contextlib.nullcontext():
+            out = local_attention_2d(*self._split(y), self.rel_rows, self.rel_cols, kernel_size=self.kernel_size,
+                                     padding=self.padding, scale=self.scale, backend=self.backend)
         out = out.flatten(3).permute(0, 3, 1, 2)  # (B, H, W, heads*d) -> (B, C_out, H, W), channels_last memory
         return self.pool(out)
 
@@ -169,4 +185,6 @@ class SelfAttention2d(nn.Module):
             parts.append("rel_per_head=True")
         if self.backend is not None:
             parts.append(f"backend={self.backend!r}")
+        if self.recompute_qkv:
+            parts.append("recompute_qkv=True")
         return ", ".join(parts)

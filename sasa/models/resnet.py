@@ -74,8 +74,8 @@ class ResNet(nn.Module):
         num_classes: classifier outputs.
         in_chans: input image channels.
         attention_stages: 1-based stages whose 3x3 convolutions become attention; ``()`` for the conv baseline.
-        kernel_size, heads, padding, positional, query_key, rel_per_head, scale, backend: ``SelfAttention2d``
-            options for every attention layer.
+        kernel_size, heads, padding, positional, query_key, rel_per_head, scale, backend, recompute_qkv:
+            ``SelfAttention2d`` options for every attention layer.
         stem: ``"conv"``, ``"attention"`` or ``"small"``.
         stem_values: values of the attention stem, ``"spatial"``, ``"plain"`` or ``"conv"``.
         stem_mixtures: m, the number of value matrices of the spatially-aware stem.
@@ -88,8 +88,9 @@ class ResNet(nn.Module):
     def __init__(self, layers: Sequence[int], num_classes: int = 1000, *, in_chans: int = 3,
                  attention_stages: Sequence[int] = (), kernel_size: int = 7, heads: int = 8, padding: str = "zeros",
                  positional: str = "relative", query_key: bool = True, rel_per_head: bool = False,
-                 scale: float = 1.0, backend: str | None = None, stem: str = "conv", stem_values: str = "spatial",
-                 stem_mixtures: int = 4, width_multiplier: float = 1.0, zero_init_residual: bool = False,
+                 scale: float = 1.0, backend: str | None = None, recompute_qkv: bool = False, stem: str = "conv",
+                 stem_values: str = "spatial", stem_mixtures: int = 4, width_multiplier: float = 1.0,
+                 zero_init_residual: bool = False,
                  norm_layer: Callable[[int], nn.Module] | None = None, drop_rate: float = 0.0) -> None:
         super().__init__()
         if len(layers) != 4 or any((not isinstance(n, int)) or n < 1 for n in layers):
@@ -124,7 +125,8 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = maxpool
         attn = dict(kernel_size=kernel_size, heads=heads, padding=padding, positional=positional,
-                    query_key=query_key, rel_per_head=rel_per_head, scale=scale, backend=backend)
+                    query_key=query_key, rel_per_head=rel_per_head, scale=scale, backend=backend,
+                    recompute_qkv=recompute_qkv)
         for i, (blocks, width) in enumerate(zip(layers, widths)):
             stage = self._make_layer(width, blocks, stride=1 if i == 0 else 2,
                                      attention=attn if (i + 1) in attention_stages else None)
