@@ -40,15 +40,16 @@ def layer_table(rows: list[dict]) -> str:
 
 def model_table(rows: list[dict]) -> str:
     cpu = any("cpu_median" in (r.get("train_ms") or {}) for r in rows)
-    header = (f"{'model':<24} {'backend':<24} {'params M':>8} {'train ms median [min-max]':>30}"
+    w = max([24] + [len(r["model"]) for r in rows])
+    header = (f"{'model':<{w}} {'backend':<24} {'params M':>8} {'train ms median [min-max]':>30}"
               + (f" {'cpu ms':>9}" if cpu else "") + f" {'img/s':>8} {'vs conv':>7} {'peak MB':>9} {'infer img/s':>11}")
     lines = [header, "-" * len(header)]
     for r in rows:
         backend = r.get("backend") or "-"
         if r["error"]:
-            lines.append(f"{r['model']:<24} {backend:<24} {r['error']}")
+            lines.append(f"{r['model']:<{w}} {backend:<24} {r['error']}")
             continue
-        lines.append(f"{r['model']:<24} {backend:<24} {r['params_m']:>8.2f} {_ms(r['train_ms']):>30}"
+        lines.append(f"{r['model']:<{w}} {backend:<24} {r['params_m']:>8.2f} {_ms(r['train_ms']):>30}"
                      + (f" {_cpu(r['train_ms']):>9}" if cpu else "")
                      + f" {r['train_img_s']:>8.1f} {_ratio(r.get('vs_conv')):>7} {r['peak_mb']:>9.1f}"
                      f" {r['infer_img_s']:>11.1f}")
