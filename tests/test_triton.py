@@ -227,9 +227,7 @@ def test_kernels_load_lazily():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_kernels_compile_for_hopper(tmp_path):
-    """The interpreter cannot catch what only the compiler rejects: compile every kernel for sm_90a (H100 / H200)
-    offline, one and two heads per program, and check that ptxas reports registers and no spills."""
+def _resources(tmp_path, *args):
     import json
     import os
     from pathlib import Path
@@ -237,11 +235,26 @@ def test_kernels_compile_for_hopper(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "resources.json"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    subprocess.run([sys.executable, str(root / "tools" / "kernel_resources.py"), "--stages", "1", "--heads", "1,2",
-                    "--warps", "8", "--out", str(out)], check=True, timeout=300, env=env, capture_output=True)
-    rows = json.loads(out.read_text())
+    subprocess.run([sys.executable, str(root / "tools" / "kernel_resources.py"), *args, "--out", str(out)],
+                   check=True, timeout=300, env=env, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    """The interpreter cannot catch what only the compiler rejects: compile every kernel for sm_90a (H100 / H200)
+    offline, one and two heads per program, and check that ptxas reports registers and no spills."""
+    rows = _resources(tmp_path, "--stages", "1", "--heads", "1,2", "--warps", "8")
     assert len(rows) == 6 and all("error" not in r for r in rows), rows
     assert all(0 < r["registers"] <= 255 and r["spill_store_bytes"] == 0 for r in rows), rows
+
+
+def test_kernels_load_16_byte_vectors(tmp_path):
+    """At head_dim 16 (ResNet-50 stage 2, bf16) the K / V / Q tiles must load as 16-byte vectors; a mask varying
+    along the channels once turned every one of them into 2-byte loads, which only the SASS shows."""
+    rows = _resources(tmp_path, "--stages", "2", "--heads", "1", "--warps", "2", "--kinds", "fwd,bwd_kv")
+    for r in rows:
+        loads = r["global_loads_by_bits"]
+        assert loads["128"] >= 4 and loads["16"] <= 16, r  # 2-byte loads left: the relative-table rows only
 
 
 # ---------------------------------------------------------------------------------------------- GPU only

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Registers, spills and shared memory of the Triton kernels per launch configuration, compiled offline (no GPU).
+"""Registers, spills, shared memory and load widths of the Triton kernels per launch configuration, offline (no GPU).
 
 Compiles ``sasa/backends/triton_kernels.py``'s three kernels ahead of time for an NVIDIA architecture (default
 sm_90a: H100 / H200) with the argument types of a bf16 training launch at a ResNet-50 stage (fused QKV views, shared
 relative tables, K=7, zeros padding), runs the ``ptxas`` that ships with Triton on the PTX, and prints its
-per-thread register count, spill stores / loads and the kernel's shared memory. Spills or >128 registers at 8 warps
-(occupancy) rule a configuration out before it costs GPU time in ``tools/tile_sweep.py``; nothing here says how
-fast a configuration is.
+per-thread register count, spill stores / loads, the kernel's shared memory, and the global loads in the SASS by
+width (``nvdisasm``): 16-byte loads are what the channels-last layout is for; 2-byte ones mean the compiler could
+not vectorise (a mask that varies along the channels did that to every load until the ``EVEN_D`` specialisation).
+Spills or >128 registers at 8 warps (occupancy) rule a configuration out before it costs GPU time in
+``tools/tile_sweep.py``; nothing here says how fast a configuration is.
 
 Usage::
 
@@ -71,8 +73,8 @@ def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: 
 
     hw, C = STAGES[stage]
     fn = {"fwd": tk._fwd_kernel, "bwd_q": tk._bwd_q_kernel, "bwd_kv": tk._bwd_kv_kernel}[kind]
-    consts = dict(KS=7, HAS_K=True, HAS_ROWS=True, HAS_COLS=True, TH=tile[0], TW=tile[1], BD=C // 8, HB=hb,
-                  INT64=False, VEC=8)
+    consts = dict(KS=7, HAS_K=True, HAS_ROWS=True, HAS_COLS=True, TH=tile[0], TW=tile[1], BD=C // 8, EVEN_D=True,
+                  HB=hb, INT64=False, VEC=8)
     if kind != "bwd_kv":
         consts["MASK"] = False
     if kind == "bwd_q":
@@ -81,17 +83,23 @@ def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: 
     compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
+        path, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(path, "w") as f:
             f.write(compiled.asm["ptx"])
-        log = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.devnull], capture_output=True,
+        log = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", cubin], capture_output=True,
                              text=True, check=True).stderr
+        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    widths = re.findall(r"\bLDG\.E(\.128|\.64|\.U16|\.S16|\.U8|\.S8)?\b", sass)
+    loads = {bits: sum(1 for w in widths if {"": 32, ".128": 128, ".64": 64}.get(w, 16 if "16" in w else 8) == bits)
+             for bits in (128, 64, 32, 16, 8)}
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return {"kind": kind, "stage": stage, "tile": list(tile), "num_warps": warps, "heads_per_program": hb,
             "registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1)),
-            "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared}
+            "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared,
+            "global_loads_by_bits": loads}
 
 
 def main(argv=None) -> int:
@@ -112,7 +120,7 @@ def main(argv=None) -> int:
     tk = kernels_for(torch.device("cuda"))  # the compiled (not interpreted) module; nothing is launched
     rows = []
     print(f"{'kind':7s} {'stage':>5s} {'tile':>5s} {'warps':>5s} {'HB':>3s} {'regs':>5s} {'spill st/ld B':>14s} "
-          f"{'smem B':>7s}")
+          f"{'smem B':>7s}  global loads by width (bits: count)")
     for stage in map(int, args.stages.split(",")):
         for kind in args.kinds.split(","):
             for tile in (tuple(map(int, t.split("x"))) for t in args.tiles.split(",")):
@@ -127,7 +135,9 @@ def main(argv=None) -> int:
                         else:
                             print(f"{kind:7s} {stage:5d} {tile[0]}x{tile[1]:<3d} {warps:5d} {hb:3d} "
                                   f"{r['registers']:5d} {r['spill_store_bytes']:>6d}/{r['spill_load_bytes']:<7d} "
-                                  f"{r['shared_bytes']:7d}", flush=True)
+                                  f"{r['shared_bytes']:7d}  "
+                                  + " ".join(f"{b}:{n}" for b, n in r["global_loads_by_bits"].items() if n),
+                                  flush=True)
                         rows.append(r)
     if args.out:
         with open(args.out, "w") as f:

@@ -8,8 +8,10 @@ straight from the (possibly strided) input: no window is ever materialised, neig
 L1/L2. All arithmetic is fp32 whatever the input dtype; no ``tl.dot``, so head_dim 8 works. Grid: one program per
 (batch, tile, head group), head groups varying fastest so the programs of one tile share its cache lines
 (channels-last keeps a pixel's heads adjacent; with ``HB > 1`` one program reads ``HB * d`` adjacent channels of a
-pixel). Offsets promise the compiler ``tl.multiple_of(.., VEC)`` (checked on the host from the strides) so loads are
-16-byte vectors.
+pixel). Offsets promise the compiler ``tl.multiple_of(.., VEC)`` (checked on the host from the strides) and, when
+head_dim is a power of two (``EVEN_D``), masks are constant along the channels, so a thread's channels load as one
+vector (16 bytes from head_dim 16 in bf16; SASS checked offline by ``tools/kernel_resources.py``). Without
+``EVEN_D`` (and in every kernel before it) the channel mask made the compiler issue 2-byte loads.
 
 - ``_fwd_kernel``: online softmax over the offsets; writes ``out`` (input dtype) and the per-(pixel, head)
   log-sum-exp ``lse`` (fp32, ``(B, heads, H, W)``) for the backward.
@@ -110,6 +112,16 @@ def _ptrs(base, bi, s_b, i, j, s_h, s_w, heads, s_n, ch, s_d, VEC: tl.constexpr)
 
 
 @triton.jit
+def _mask(pix_ok, ch, D, EVEN_D: tl.constexpr):
+    """Load / store mask of a ``(P, HB, BD)`` tile: pixel validity, and ``ch < D`` unless ``D == BD``. A mask that
+    varies along the channels keeps the compiler from vectorising the loads (it issued 2-byte loads at head_dim 8)."""
+    mask = pix_ok[:, None, None]
+    if not EVEN_D:
+        mask = mask & (ch < D)[None, None, :]
+    return mask
+
+
+@triton.jit
 def _table_row(RR, heads, a, s_n, s_k, s_c, ch, HALF, HAS: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr):
     """``(HB, BD)``: row ``a`` of the row table in channels ``[0, HALF)``, zeros elsewhere (or everywhere)."""
     if HAS:
@@ -136,16 +148,17 @@ def _fwd_kernel(
     src_n, src_k, src_c,
     HEADS, H, W, D, HALF, TILES_W, N_TILES, scale,
     KS: tl.constexpr, MASK: tl.constexpr, HAS_K: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr, INT64: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr, HB: tl.constexpr,
+    INT64: tl.constexpr,
     VEC: tl.constexpr,
 ):
     R: tl.constexpr = KS // 2
     P: tl.constexpr = TH * TW
     bi, hd, tile, i, j = _program_tile(HEADS, N_TILES, TILES_W, TH, TW, HB, INT64)
     ch = tl.arange(0, BD)
-    ch_ok = (ch < D)[None, None, :]
     in_img = (i < H) & (j < W)
-    q = tl.load(_ptrs(Q, bi, sq_b, i, j, sq_h, sq_w, hd, sq_n, ch, sq_d, VEC), mask=in_img[:, None, None] & ch_ok,
+    own = _mask(in_img, ch, D, EVEN_D)
+    q = tl.load(_ptrs(Q, bi, sq_b, i, j, sq_h, sq_w, hd, sq_n, ch, sq_d, VEC), mask=own,
                 other=0.0).to(tl.float32)  # (P, HB, BD)
 
     m = tl.full([P, HB], -1.0e30, tl.float32)  # running max (finite: masked offsets are -inf)
@@ -158,7 +171,7 @@ def _fwd_kernel(
         for b in range(KS):
             jj = j + (b - R)
             ok = row_ok & (jj >= 0) & (jj < W)  # (P,) key inside the image
-            ld = ok[:, None, None] & ch_ok
+            ld = _mask(ok, ch, D, EVEN_D)
             t = tl.zeros([P, HB, BD], tl.float32)
             if HAS_K:
                 t = tl.load(_ptrs(Kt, bi, sk_b, ii, jj, sk_h, sk_w, hd, sk_n, ch, sk_d, VEC), mask=ld,
@@ -180,8 +193,7 @@ def _fwd_kernel(
             acc = acc * alpha[:, :, None] + p[:, :, None] * vv
             m = m_new
     l_safe = tl.where(l_sum > 0, l_sum, 1.0)  # only out-of-image tile pixels can have l_sum == 0
-    tl.store(_ptrs(O, bi, so_b, i, j, so_h, so_w, hd, so_n, ch, so_d, VEC), acc / l_safe[:, :, None],
-             mask=in_img[:, None, None] & ch_ok)
+    tl.store(_ptrs(O, bi, so_b, i, j, so_h, so_w, hd, so_n, ch, so_d, VEC), acc / l_safe[:, :, None], mask=own)
     tl.store(LSE + (bi * HEADS + hd[None, :]) * H * W + (i * W + j)[:, None], m + tl.log(l_safe),
              mask=in_img[:, None])
 
@@ -200,16 +212,16 @@ def _bwd_q_kernel(
     B, HEADS, H, W, D, HALF, TILES_W, N_TILES, scale,
     KS: tl.constexpr, KP: tl.constexpr, MASK: tl.constexpr, HAS_K: tl.constexpr,
     HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr, ROW_GRAD: tl.constexpr, COL_GRAD: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr, INT64: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr, HB: tl.constexpr,
+    INT64: tl.constexpr,
     VEC: tl.constexpr,
 ):
     R: tl.constexpr = KS // 2
     P: tl.constexpr = TH * TW
     bi, hd, tile, i, j = _program_tile(HEADS, N_TILES, TILES_W, TH, TW, HB, INT64)
     ch = tl.arange(0, BD)
-    ch_ok = (ch < D)[None, None, :]
     in_img = (i < H) & (j < W)
-    own = in_img[:, None, None] & ch_ok
+    own = _mask(in_img, ch, D, EVEN_D)
 
     q = tl.load(_ptrs(Q, bi, sq_b, i, j, sq_h, sq_w, hd, sq_n, ch, sq_d, VEC), mask=own, other=0.0).to(tl.float32)
     do = tl.load(_ptrs(DO, bi, sdo_b, i, j, sdo_h, sdo_w, hd, sdo_n, ch, sdo_d, VEC), mask=own,
@@ -232,7 +244,7 @@ def _bwd_q_kernel(
         for b in range(KS):
             jj = j + (b - R)
             ok = row_ok & (jj >= 0) & (jj < W)
-            ld = ok[:, None, None] & ch_ok
+            ld = _mask(ok, ch, D, EVEN_D)
             t = tl.zeros([P, HB, BD], tl.float32)
             if HAS_K:
                 t = tl.load(_ptrs(Kt, bi, sk_b, ii, jj, sk_h, sk_w, hd, sk_n, ch, sk_d, VEC), mask=ld,
@@ -271,7 +283,7 @@ def _bwd_q_kernel(
         # DREL: (HEADS, B, N_TILES, KS, D) fp32 partials, summed on the host
         prog = (hd * B + bi) * N_TILES + tile  # (HB,)
         tl.store(DREL + prog[None, :, None] * KS * D + kidx[:, None, None] * D + ch[None, None, :], g_all,
-                 mask=(kidx < KS)[:, None, None] & ch_ok)
+                 mask=(kidx < KS)[:, None, None] & (ch < D)[None, None, :])
 
 
 @triton.jit
@@ -287,16 +299,16 @@ def _bwd_kv_kernel(
     src_n, src_k, src_c,
     HEADS, H, W, D, HALF, TILES_W, N_TILES, scale,
     KS: tl.constexpr, HAS_K: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr, INT64: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr, HB: tl.constexpr,
+    INT64: tl.constexpr,
     VEC: tl.constexpr,
 ):
     R: tl.constexpr = KS // 2
     P: tl.constexpr = TH * TW
     bi, hd, tile, i, j = _program_tile(HEADS, N_TILES, TILES_W, TH, TW, HB, INT64)  # (i, j): key pixels
     ch = tl.arange(0, BD)
-    ch_ok = (ch < D)[None, None, :]
     in_img = (i < H) & (j < W)
-    own = in_img[:, None, None] & ch_ok
+    own = _mask(in_img, ch, D, EVEN_D)
 
     kk = tl.zeros([P, HB, BD], tl.float32)
     if HAS_K:
@@ -313,7 +325,7 @@ def _bwd_kv_kernel(
         for b in range(KS):
             qj = j - (b - R)
             ok = row_ok & (qj >= 0) & (qj < W)  # (P,) query inside the image
-            ld = ok[:, None, None] & ch_ok
+            ld = _mask(ok, ch, D, EVEN_D)
             t = kk
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
@@ -409,7 +421,8 @@ def forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: fl
         *_table_strides(rel_rows), *_table_strides(rel_cols),
         heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
         KS=kernel_size, MASK=bool(mask), HAS_K=k is not None, HAS_ROWS=rel_rows is not None,
-        HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, HB=hb, INT64=_needs_int64(q, kt, v, out),
+        HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, EVEN_D=d == bd, HB=hb,
+        INT64=_needs_int64(q, kt, v, out),
         VEC=_vector_width(bd, q, k, v, out), num_warps=num_warps,
     )
     return out, lse
@@ -450,7 +463,7 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
         B, heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
         KS=kernel_size, KP=_next_pow2(kernel_size), MASK=bool(mask), HAS_K=k is not None,
         HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None, ROW_GRAD=row_grad, COL_GRAD=col_grad,
-        TH=th, TW=tw, BD=bd, HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
+        TH=th, TW=tw, BD=bd, EVEN_D=d == bd, HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
     )
     drows = dcols = None
     if row_grad or col_grad:
@@ -473,6 +486,6 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
             *_table_strides(rel_rows), *_table_strides(rel_cols),
             heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
             KS=kernel_size, HAS_K=k is not None, HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None,
-            TH=th, TW=tw, BD=bd, HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
+            TH=th, TW=tw, BD=bd, EVEN_D=d == bd, HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
         )
     return dq, dk, dv, drows, dcols
