@@ -73,8 +73,8 @@ def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: 
 
     hw, C = STAGES[stage]
     fn = {"fwd": tk._fwd_kernel, "bwd_q": tk._bwd_q_kernel, "bwd_kv": tk._bwd_kv_kernel}[kind]
-    consts = dict(KS=7, HAS_K=True, HAS_ROWS=True, HAS_COLS=True, TH=tile[0], TW=tile[1], BD=C // 8, EVEN_D=True,
-                  HB=hb, INT64=False, VEC=8)
+    consts = dict(KS=7, HAS_K=True, HAS_ROWS=True, HAS_COLS=True, TH=tile[0], TW=tile[1], BD=C // 8,
+                  EVEN_D=tk.even_channels(C // 8, C // 8, hb), HB=hb, INT64=False, VEC=8)
     if kind != "bwd_kv":
         consts["MASK"] = False
     if kind == "bwd_q":

@@ -9,9 +9,10 @@ L1/L2. All arithmetic is fp32 whatever the input dtype; no ``tl.dot``, so head_d
 (batch, tile, head group), head groups varying fastest so the programs of one tile share its cache lines
 (channels-last keeps a pixel's heads adjacent; with ``HB > 1`` one program reads ``HB * d`` adjacent channels of a
 pixel). Offsets promise the compiler ``tl.multiple_of(.., VEC)`` (checked on the host from the strides) and, when
-head_dim is a power of two (``EVEN_D``), masks are constant along the channels, so a thread's channels load as one
-vector (16 bytes from head_dim 16 in bf16; SASS checked offline by ``tools/kernel_resources.py``). Without
-``EVEN_D`` (and in every kernel before it) the channel mask made the compiler issue 2-byte loads.
+head_dim is a power of two (``EVEN_D``, see ``even_channels``), masks are constant along the channels, so a thread's
+channels load as one vector (16 bytes from head_dim 16 in bf16; SASS checked offline by
+``tools/kernel_resources.py``). Without ``EVEN_D`` (and in every kernel before it) the channel mask made the
+compiler issue 2-byte loads.
 
 - ``_fwd_kernel``: online softmax over the offsets; writes ``out`` (input dtype) and the per-(pixel, head)
   log-sum-exp ``lse`` (fp32, ``(B, heads, H, W)``) for the backward.
@@ -59,6 +60,13 @@ HEADS_OVERRIDE = None
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def even_channels(d: int, block_d: int, hb: int) -> bool:
+    """``EVEN_D``: drop the channel mask (so loads vectorise) when head_dim fills its power-of-two block, except for
+    head_dim < 16 with one head per program: there the offline build showed more registers (32 -> 48 in the forward,
+    fewer resident blocks) for 4- instead of 2-byte loads, and that configuration is the one measured on a GPU."""
+    return d == block_d and (block_d >= 16 or hb > 1)
 
 
 def heads_per_program(heads: int, wanted: int) -> int:
@@ -421,7 +429,7 @@ def forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: fl
         *_table_strides(rel_rows), *_table_strides(rel_cols),
         heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
         KS=kernel_size, MASK=bool(mask), HAS_K=k is not None, HAS_ROWS=rel_rows is not None,
-        HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, EVEN_D=d == bd, HB=hb,
+        HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd, hb), HB=hb,
         INT64=_needs_int64(q, kt, v, out),
         VEC=_vector_width(bd, q, k, v, out), num_warps=num_warps,
     )
@@ -463,7 +471,7 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
         B, heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
         KS=kernel_size, KP=_next_pow2(kernel_size), MASK=bool(mask), HAS_K=k is not None,
         HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None, ROW_GRAD=row_grad, COL_GRAD=col_grad,
-        TH=th, TW=tw, BD=bd, EVEN_D=d == bd, HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
+        TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd, hb), HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
     )
     drows = dcols = None
     if row_grad or col_grad:
@@ -486,6 +494,6 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
             *_table_strides(rel_rows), *_table_strides(rel_cols),
             heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
             KS=kernel_size, HAS_K=k is not None, HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None,
-            TH=th, TW=tw, BD=bd, EVEN_D=d == bd, HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
+            TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd, hb), HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
         )
     return dq, dk, dv, drows, dcols
