@@ -249,12 +249,13 @@ def test_kernels_compile_for_hopper(tmp_path):
 
 
 def test_kernels_load_16_byte_vectors(tmp_path):
-    """At head_dim 16 (ResNet-50 stage 2, bf16) the K / V / Q tiles must load as 16-byte vectors; a mask varying
-    along the channels once turned every one of them into 2-byte loads, which only the SASS shows."""
+    """At head_dim 16 (ResNet-50 stage 2, bf16) the K / V / Q tiles and the placed relative-table rows must load
+    as 16-byte vectors; a mask varying along the channels once turned every one of them into 2-byte loads, which
+    only the SASS shows."""
     rows = _resources(tmp_path, "--stages", "2", "--heads", "1", "--warps", "2", "--kinds", "fwd,bwd_kv")
     for r in rows:
         loads = r["global_loads_by_bits"]
-        assert loads["128"] >= 4 and loads["16"] <= 16, r  # 2-byte loads left: the relative-table rows only
+        assert loads["128"] >= 4 and loads["16"] == 0, r
 
 
 # ---------------------------------------------------------------------------------------------- GPU only

@@ -41,7 +41,7 @@ def _signature(fn, hw: int, C: int, constexprs: dict) -> tuple[dict, dict, dict]
     d = C // 8
     fused = {"b": hw * hw * 3 * C, "h": hw * 3 * C, "w": 3 * C, "n": d, "d": 1}  # q, k, v: views of (.., 3, 8, d)
     plain = {"b": hw * hw * C, "h": hw * C, "w": C, "n": d, "d": 1}  # out, dout, dq, dk, dv
-    table = {"n": 0, "k": d // 2, "c": 1}  # shared (K, d/2) tables
+    table = {"n": 0, "k": d, "c": 1}  # shared tables, placed in (K, d) blocks on the host
     sig, consts, attrs = {}, dict(constexprs), {}
     for idx, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in consts:

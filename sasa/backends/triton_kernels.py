@@ -12,7 +12,8 @@ pixel). Offsets promise the compiler ``tl.multiple_of(.., VEC)`` (checked on the
 head_dim is a power of two (``EVEN_D``, see ``even_channels``), masks are constant along the channels, so a thread's
 channels load as one vector (16 bytes from head_dim 16 in bf16; SASS checked offline by
 ``tools/kernel_resources.py``). Without ``EVEN_D`` (and in every kernel before it) the channel mask made the
-compiler issue 2-byte loads.
+compiler issue 2-byte loads. The relative tables arrive placed in zero-filled ``(K, BD)`` blocks (``_placed``: rows
+in channels ``[0, d/2)``, columns in ``[d/2, d)``), so their rows load without masks too.
 
 - ``_fwd_kernel``: online softmax over the offsets; writes ``out`` (input dtype) and the per-(pixel, head)
   log-sum-exp ``lse`` (fp32, ``(B, heads, H, W)``) for the backward.
@@ -130,19 +131,18 @@ def _mask(pix_ok, ch, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _table_row(RR, heads, a, s_n, s_k, s_c, ch, HALF, HAS: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr):
-    """``(HB, BD)``: row ``a`` of the row table in channels ``[0, HALF)``, zeros elsewhere (or everywhere)."""
+def _table_row(RR, heads, a, s_n, s_k, s_c, ch, HAS: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr):
+    """``(HB, BD)``: row ``a`` of the row table, placed in channels ``[0, d/2)`` and zero elsewhere on the host
+    (``_placed``), so the load needs no mask and vectorises; zeros without a table."""
     if HAS:
-        return tl.load(RR + heads[:, None] * s_n + a * s_k + ch[None, :] * s_c, mask=(ch < HALF)[None, :],
-                       other=0.0).to(tl.float32)
+        return tl.load(RR + heads[:, None] * s_n + a * s_k + ch[None, :] * s_c).to(tl.float32)
     return tl.zeros([HB, BD], tl.float32)
 
 
 @triton.jit
-def _table_col(RC, heads, b, s_n, s_k, s_c, ch, HALF, D):
-    """``(HB, BD)``: row ``b`` of the column table in channels ``[HALF, D)``, zeros elsewhere."""
-    return tl.load(RC + heads[:, None] * s_n + b * s_k + (ch[None, :] - HALF) * s_c,
-                   mask=((ch >= HALF) & (ch < D))[None, :], other=0.0).to(tl.float32)
+def _table_col(RC, heads, b, s_n, s_k, s_c, ch):
+    """``(HB, BD)``: row ``b`` of the column table, placed in channels ``[d/2, d)`` on the host."""
+    return tl.load(RC + heads[:, None] * s_n + b * s_k + ch[None, :] * s_c).to(tl.float32)
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def _fwd_kernel(
     so_b, so_h, so_w, so_n, so_d,
     srr_n, srr_k, srr_c,
     src_n, src_k, src_c,
-    HEADS, H, W, D, HALF, TILES_W, N_TILES, scale,
+    HEADS, H, W, D, TILES_W, N_TILES, scale,
     KS: tl.constexpr, MASK: tl.constexpr, HAS_K: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr, HB: tl.constexpr,
     INT64: tl.constexpr,
@@ -175,7 +175,7 @@ def _fwd_kernel(
     for a in range(KS):
         ii = i + (a - R)
         row_ok = (ii >= 0) & (ii < H)
-        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HALF, HAS_ROWS, HB, BD)
+        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HAS_ROWS, HB, BD)
         for b in range(KS):
             jj = j + (b - R)
             ok = row_ok & (jj >= 0) & (jj < W)  # (P,) key inside the image
@@ -187,7 +187,7 @@ def _fwd_kernel(
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
                 if HAS_COLS:
-                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch, HALF, D)
+                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch)
                 t = t + rel[None, :, :]
             s = tl.sum(q * t, axis=2) * scale  # (P, HB) logits
             if MASK:
@@ -247,7 +247,7 @@ def _bwd_q_kernel(
     for a in range(KS):
         ii = i + (a - R)
         row_ok = (ii >= 0) & (ii < H)
-        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HALF, HAS_ROWS, HB, BD)
+        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HAS_ROWS, HB, BD)
         s_row = tl.zeros([P, HB], tl.float32)  # per pixel and head, sum over column offsets of ds
         for b in range(KS):
             jj = j + (b - R)
@@ -260,7 +260,7 @@ def _bwd_q_kernel(
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
                 if HAS_COLS:
-                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch, HALF, D)
+                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch)
                 t = t + rel[None, :, :]
             s = tl.sum(q * t, axis=2) * scale
             p = tl.exp(s - lse)
@@ -305,7 +305,7 @@ def _bwd_kv_kernel(
     sdv_b, sdv_h, sdv_w, sdv_n, sdv_d,
     srr_n, srr_k, srr_c,
     src_n, src_k, src_c,
-    HEADS, H, W, D, HALF, TILES_W, N_TILES, scale,
+    HEADS, H, W, D, TILES_W, N_TILES, scale,
     KS: tl.constexpr, HAS_K: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr, HB: tl.constexpr,
     INT64: tl.constexpr,
@@ -329,7 +329,7 @@ def _bwd_kv_kernel(
     for a in range(KS):
         qi = i - (a - R)  # the query that sees this key at row offset a
         row_ok = (qi >= 0) & (qi < H) & in_img
-        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HALF, HAS_ROWS, HB, BD)
+        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HAS_ROWS, HB, BD)
         for b in range(KS):
             qj = j - (b - R)
             ok = row_ok & (qj >= 0) & (qj < W)  # (P,) query inside the image
@@ -338,7 +338,7 @@ def _bwd_kv_kernel(
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
                 if HAS_COLS:
-                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch, HALF, D)
+                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch)
                 t = t + rel[None, :, :]
             qs = tl.load(_ptrs(Q, bi, sq_b, qi, qj, sq_h, sq_w, hd, sq_n, ch, sq_d, VEC), mask=ld,
                          other=0.0).to(tl.float32)
@@ -400,6 +400,16 @@ def _strides(t) -> tuple[int, ...]:
     return tuple(stride if size > 1 else 0 for size, stride in zip(t.shape, t.stride()))
 
 
+def _placed(table, start: int, block_d: int):
+    """A ``(K, w)`` or ``(heads, K, w)`` table as ``(..., K, block_d)`` zeros with the table in channels
+    ``[start, start + w)``: rows at 0, columns at d/2. The kernels then load whole channel blocks without a mask."""
+    if table is None:
+        return None
+    out = table.new_zeros(*table.shape[:-1], block_d)
+    out[..., start:start + table.shape[-1]] = table
+    return out
+
+
 def _table_strides(table):
     """(head, row, channel) strides; a shared (K, d/2) table gets head stride 0."""
     if table is None:
@@ -421,13 +431,12 @@ def forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: fl
     tiles_w = triton.cdiv(W, tw)
     n_tiles = triton.cdiv(H, th) * tiles_w
     kt = k if k is not None else q  # dummy pointer, never read
-    rr = rel_rows if rel_rows is not None else q
-    rc = rel_cols if rel_cols is not None else q
+    pr, pc = _placed(rel_rows, 0, bd), _placed(rel_cols, d // 2, bd)
     _fwd_kernel[(B * n_tiles * (heads // hb),)](
-        q, kt, v, rr, rc, out, lse,
+        q, kt, v, pr if pr is not None else q, pc if pc is not None else q, out, lse,
         *_strides(q), *_strides(kt), *_strides(v), *_strides(out),
-        *_table_strides(rel_rows), *_table_strides(rel_cols),
-        heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
+        *_table_strides(pr), *_table_strides(pc),
+        heads, H, W, d, tiles_w, n_tiles, float(scale),
         KS=kernel_size, MASK=bool(mask), HAS_K=k is not None, HAS_ROWS=rel_rows is not None,
         HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd, hb), HB=hb,
         INT64=_needs_int64(q, kt, v, out),
@@ -451,8 +460,9 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
         return dq, dk, (torch.zeros_like(dq) if need_kv else None), z[0], z[1]
     bd = _next_pow2(d)
     kt = k if k is not None else q
-    rr = rel_rows if rel_rows is not None else q
-    rc = rel_cols if rel_cols is not None else q
+    pr, pc = _placed(rel_rows, 0, bd), _placed(rel_cols, d // 2, bd)
+    rr = pr if pr is not None else q
+    rc = pc if pc is not None else q
     vec = _vector_width(bd, q, k, v, out, dq)
     if _vector_width(bd, dout) < vec:  # e.g. a permuted upstream gradient: one copy beats scalar loads everywhere
         dout = dout.contiguous()
@@ -467,7 +477,7 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
     _bwd_q_kernel[(B * n_tiles * (heads // hb),)](
         q, kt, v, out, dout, lse, delta, dq, drel, rr, rc,
         *_strides(q), *_strides(kt), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
-        *_table_strides(rel_rows), *_table_strides(rel_cols),
+        *_table_strides(pr), *_table_strides(pc),
         B, heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
         KS=kernel_size, KP=_next_pow2(kernel_size), MASK=bool(mask), HAS_K=k is not None,
         HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None, ROW_GRAD=row_grad, COL_GRAD=col_grad,
@@ -491,8 +501,8 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
         _bwd_kv_kernel[(B * n_tiles * (heads // hb),)](
             q, kt, v, dout, lse, delta, dkt, dv, rr, rc,
             *_strides(q), *_strides(kt), *_strides(v), *_strides(dout), *_strides(dkt), *_strides(dv),
-            *_table_strides(rel_rows), *_table_strides(rel_cols),
-            heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
+            *_table_strides(pr), *_table_strides(pc),
+            heads, H, W, d, tiles_w, n_tiles, float(scale),
             KS=kernel_size, HAS_K=k is not None, HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None,
             TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd, hb), HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
         )
