@@ -199,3 +199,19 @@ def test_backend_that_cannot_run_says_why():
     for name in names:
         with pytest.raises(ValueError, match=f"backend='{name}' cannot run here: .+"):
             local_attention_2d(q, k, v, rows, cols, kernel_size=3, backend=name)
+
+
+def test_shifted_compiles_without_graph_break():
+    """``fullgraph=True`` fails on any graph break: the CPU backend is one opaque custom op forward and backward
+    (aot_eager traces both without Inductor's compile time; the Triton backend has its own test)."""
+    q, k, v, rows, cols = make_inputs(2, 5, 6, 2, 4, 3)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, rows, cols)]
+
+    def f(q, k, v, rows, cols):
+        return local_attention_2d(q, k, v, rows, cols, kernel_size=3, backend="shifted").square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss, ref = compiled(*leaves), f(*leaves)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(ref, leaves)):
+        torch.testing.assert_close(g, r)

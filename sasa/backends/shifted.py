@@ -27,9 +27,11 @@ Status: complete; the lean training path on CPU.
 from __future__ import annotations
 
 import functools
+from typing import Optional  # custom_op schema inference on torch 2.5 wants typing.Optional, not "X | None"
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import Backend, register
 
@@ -129,96 +131,156 @@ def _outside_mask(H: int, W: int, K: int, device: torch.device) -> torch.Tensor:
     return mask.reshape(K * K, H * P)
 
 
-class _ShiftedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rel_rows, rel_cols, K, padding, scale):
-        with torch.autocast(q.device.type, enabled=False):  # dtypes are chosen here (fp32 inside for fp16 / bf16)
-            return _ShiftedAttention._forward(ctx, q, k, v, rel_rows, rel_cols, K, padding, scale)
+def _forward(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, probs): out as ``_crop(..., as_base=True)`` lays it out, probs ``(B, h, K*K, H*P)`` for the backward."""
+    B, H, W, h, d = q.shape
+    c = d // 2
+    r, P, _ = _geometry(H, W, K)
+    N = H * P
+    qf = _queries(q, r)  # (B, h, d, N), a fresh buffer
+    if scale != 1.0:
+        qf *= scale  # scale * (q.k + q.r) = (scale q).k + (scale q).r
+    logits = None  # (B, h, K*K, N), [..., a*K + b, :] = offset (a - r, b - r)
+    if rel_rows is not None or rel_cols is not None:
+        zero = qf.new_zeros(())
+        rows = torch.matmul(rel_rows.to(qf.dtype), qf[:, :, :c]) if rel_rows is not None else zero  # (B,h,K,N)
+        cols = torch.matmul(rel_cols.to(qf.dtype), qf[:, :, c:]) if rel_cols is not None else zero
+        logits = torch.add(rows[:, :, :, None] if rows.dim() else rows, cols[:, :, None, :] if cols.dim() else cols)
+        logits = logits.expand(B, h, K, K, N).reshape(B, h, K * K, N)
+    if k is not None:
+        logits = _dots(qf, _keys(k, r), K, P, logits)
+    if logits is None:
+        logits = qf.new_zeros(B, h, K * K, N)
+    del qf
+    if mask:
+        logits.masked_fill_(_outside_mask(H, W, K, q.device), float("-inf"))
+    probs = torch.softmax(logits, dim=2)  # (B, h, K*K, N)
+    del logits
+    starts = [a * P + b for a in range(K) for b in range(K)]
+    out = _gather(probs, _keys(v, r), starts, probs.new_empty(B, h, d, N))
+    # a fresh tensor, never a view (custom-op outputs must own their storage; an in-place ReLU on the layer's
+    # output then works too); ``shifted_attention`` permutes it outside
+    return _crop(out, H, W, P, 0, 0, q, as_base=True), probs
 
-    @staticmethod
-    def backward(ctx, dout):
-        with torch.autocast(dout.device.type, enabled=False):
-            return _ShiftedAttention._backward(ctx, dout)
 
-    @staticmethod
-    def _forward(ctx, q, k, v, rel_rows, rel_cols, K, padding, scale):
-        B, H, W, h, d = q.shape
-        c = d // 2
-        r, P, _ = _geometry(H, W, K)
-        N = H * P
-        qf = _queries(q, r)  # (B, h, d, N), a fresh buffer
-        if scale != 1.0:
-            qf *= scale  # scale * (q.k + q.r) = (scale q).k + (scale q).r
-        logits = None  # (B, h, K*K, N), [..., a*K + b, :] = offset (a - r, b - r)
-        if rel_rows is not None or rel_cols is not None:
-            zero = qf.new_zeros(())
-            rows = torch.matmul(rel_rows.to(qf.dtype), qf[:, :, :c]) if rel_rows is not None else zero  # (B,h,K,N)
-            cols = torch.matmul(rel_cols.to(qf.dtype), qf[:, :, c:]) if rel_cols is not None else zero
-            logits = torch.add(rows[:, :, :, None] if rows.dim() else rows, cols[:, :, None, :] if cols.dim() else cols)
-            logits = logits.expand(B, h, K, K, N).reshape(B, h, K * K, N)
-        if k is not None:
-            logits = _dots(qf, _keys(k, r), K, P, logits)
-        if logits is None:
-            logits = qf.new_zeros(B, h, K * K, N)
-        del qf
-        if padding == "mask":
-            logits.masked_fill_(_outside_mask(H, W, K, q.device), float("-inf"))
-        probs = torch.softmax(logits, dim=2)  # (B, h, K*K, N)
-        del logits
-        starts = [a * P + b for a in range(K) for b in range(K)]
-        out = _gather(probs, _keys(v, r), starts, probs.new_empty(B, h, d, N))
-        ctx.save_for_backward(q, k, v, rel_rows, rel_cols, probs)
-        ctx.K, ctx.scale = K, scale
-        # a fresh tensor, never a view: autograd cannot rebase views made inside a Function, so an in-place op on
-        # the output (a ReLU right after the layer) would fail; ``shifted_attention`` permutes it outside
-        return _crop(out, H, W, P, 0, 0, q, as_base=True)
-
-    @staticmethod
-    def _backward(ctx, dout):
-        q, k, v, rel_rows, rel_cols, probs = ctx.saved_tensors
-        if q.stride(-1) != 1:
-            dout = _cf(dout)  # the forward returned (B, h, d, H, W): back to (B, H, W, h, d)
-        K, scale = ctx.K, ctx.scale
-        B, H, W, h, d = q.shape
-        c = d // 2
-        r, P, rows = _geometry(H, W, K)
-        N, L = H * P, rows * P
-        starts = [a * P + b for a in range(K) for b in range(K)]
-        need_q, need_k, need_v, need_rows, need_cols = ctx.needs_input_grad[:5]
-        dof = _queries(dout, r)  # (B, h, d, N), zero in the padding columns
-        ds = _dots(dof, _keys(v, r), K, P)  # dL/dprobs
-        ds = torch._softmax_backward_data(ds, probs, 2, probs.dtype)  # dL/dlogits
-        if scale != 1.0:
-            ds *= scale
-        qf = _queries(q, r)
-        dq = dk = dv = drows = dcols = dqf = None
+def _backward(dout, q, k, v, rel_rows, rel_cols, probs, K: int, scale: float, needs: tuple[bool, ...]):
+    """(dq, dk, dv, drows, dcols), None where absent or not needed (``needs``: q, k, v, rows, cols)."""
+    if q.stride(-1) != 1:
+        dout = _cf(dout)  # the forward returned (B, h, d, H, W): back to (B, H, W, h, d)
+    B, H, W, h, d = q.shape
+    c = d // 2
+    r, P, rows = _geometry(H, W, K)
+    N, L = H * P, rows * P
+    starts = [a * P + b for a in range(K) for b in range(K)]
+    need_q, need_k, need_v, need_rows, need_cols = needs
+    dof = _queries(dout, r)  # (B, h, d, N), zero in the padding columns
+    ds = _dots(dof, _keys(v, r), K, P)  # dL/dprobs
+    ds = torch._softmax_backward_data(ds, probs, 2, probs.dtype)  # dL/dlogits
+    if scale != 1.0:
+        ds *= scale
+    qf = _queries(q, r)
+    dq = dk = dv = drows = dcols = dqf = None
+    if need_q:
+        dqf = _gather(ds, _keys(k, r), starts, torch.empty_like(qf)) if k is not None else torch.zeros_like(qf)
+    if k is not None and need_k:
+        dk = _crop(_scatter(ds, qf, starts, L), H, W, P, r, r, q)
+    if need_v:
+        dv = _crop(_scatter(probs, dof, starts, L), H, W, P, r, r, q)
+    ds5 = ds.view(B, h, K, K, N)
+    for table, dim, lo, need in ((rel_rows, 3, 0, need_rows), (rel_cols, 2, c, need_cols)):
+        if table is None:
+            continue
+        g = ds5.sum(dim)  # (B, h, K, N): gradient of the row (column) offset logits
         if need_q:
-            dqf = _gather(ds, _keys(k, r), starts, torch.empty_like(qf)) if k is not None else torch.zeros_like(qf)
-        if k is not None and need_k:
-            dk = _crop(_scatter(ds, qf, starts, L), H, W, P, r, r, q)
-        if need_v:
-            dv = _crop(_scatter(probs, dof, starts, L), H, W, P, r, r, q)
-        ds5 = ds.view(B, h, K, K, N)
-        for table, dim, lo, need in ((rel_rows, 3, 0, need_rows), (rel_cols, 2, c, need_cols)):
-            if table is None:
-                continue
-            g = ds5.sum(dim)  # (B, h, K, N): gradient of the row (column) offset logits
-            if need_q:
-                dqf[:, :, lo : lo + c] += torch.matmul(table.to(qf.dtype).transpose(-1, -2), g)
-            if need:
-                dt = torch.matmul(g, qf[:, :, lo : lo + c].transpose(-1, -2))  # (B, h, K, c)
-                dt = (dt.sum(0) if table.dim() == 3 else dt.sum((0, 1))).to(table.dtype)
-                if lo == 0:
-                    drows = dt
-                else:
-                    dcols = dt
-        if need_q:
-            dq = _crop(dqf, H, W, P, 0, 0, q)
-        return dq, dk, dv, drows, dcols, None, None, None
+            dqf[:, :, lo : lo + c] += torch.matmul(table.to(qf.dtype).transpose(-1, -2), g)
+        if need:
+            dt = torch.matmul(g, qf[:, :, lo : lo + c].transpose(-1, -2))  # (B, h, K, c)
+            dt = (dt.sum(0) if table.dim() == 3 else dt.sum((0, 1))).to(table.dtype)
+            if lo == 0:
+                drows = dt
+            else:
+                dcols = dt
+    if need_q:
+        dq = _crop(dqf, H, W, P, 0, 0, q)
+    return dq, dk, dv, drows, dcols
+
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)  # dtypes are chosen here (fp32 inside for fp16 / bf16)
+
+
+def _grad_like(q: torch.Tensor) -> torch.Tensor:
+    """An empty tensor in the layout ``_crop`` gives q's gradient (and the output)."""
+    B, H, W, h, d = q.shape
+    if q.stride(-1) == 1:
+        return q.new_empty((B, H, W, h, d))
+    return _cf(q.new_empty((B, h, d, H, W)))
+
+
+# Custom ops, as for the Triton backend: torch.compile keeps each call as one opaque node (no graph break; the
+# strided views of padded buffers and in-place accumulation inside are eager code).
+@torch.library.custom_op("sasa::shifted_fwd", mutates_args=())
+def shifted_fwd(q: Tensor, k: Optional[Tensor], v: Tensor, rel_rows: Optional[Tensor],  # noqa: UP045
+                rel_cols: Optional[Tensor], kernel_size: int, mask: bool,  # noqa: UP045
+                scale: float) -> tuple[Tensor, Tensor]:
+    """``(out, probs)``: out ``(B, h, d, H, W)`` for channels-first q, else ``(B, H, W, h, d)``; probs fp32 or q's."""
+    with _no_autocast(q.device):
+        return _forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale)
+
+
+@shifted_fwd.register_fake
+def _(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale):
+    B, H, W, h, d = q.shape
+    out = _grad_like(q)
+    out = out if q.stride(-1) == 1 else _cf(out).contiguous()
+    r, P, _ = _geometry(H, W, kernel_size)
+    return out, q.new_empty((B, h, kernel_size * kernel_size, H * P), dtype=_compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("sasa::shifted_bwd", mutates_args=())
+def shifted_bwd(dout: Tensor, q: Tensor, k: Optional[Tensor], v: Tensor, rel_rows: Optional[Tensor],  # noqa: UP045
+                rel_cols: Optional[Tensor], probs: Tensor, kernel_size: int, scale: float,  # noqa: UP045
+                needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, drows, dcols)``; a gradient that is absent or not needed is an empty tensor."""
+    with _no_autocast(q.device):
+        grads = _backward(dout, q, k, v, rel_rows, rel_cols, probs, kernel_size, scale, tuple(needs))
+    return tuple(g if g is not None else q.new_empty(0) for g in grads)
+
+
+@shifted_bwd.register_fake
+def _(dout, q, k, v, rel_rows, rel_cols, probs, kernel_size, scale, needs):
+    need_q, need_k, need_v, need_rows, need_cols = needs
+    dq = _grad_like(q) if need_q else q.new_empty(0)
+    dk = _grad_like(q) if (k is not None and need_k) else q.new_empty(0)
+    dv = _grad_like(q) if need_v else q.new_empty(0)
+    drows = rel_rows.new_empty(rel_rows.shape) if (rel_rows is not None and need_rows) else q.new_empty(0)
+    dcols = rel_cols.new_empty(rel_cols.shape) if (rel_cols is not None and need_cols) else q.new_empty(0)
+    return dq, dk, dv, drows, dcols
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rel_rows, rel_cols, kernel_size, _mask, scale = inputs
+    ctx.save_for_backward(q, k, v, rel_rows, rel_cols, output[1])
+    ctx.kernel_size, ctx.scale = kernel_size, scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _autograd_backward(ctx, dout, _dprobs):
+    q, k, v, rel_rows, rel_cols, probs = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    needs[1] = needs[1] and k is not None
+    needs[3] = needs[3] and rel_rows is not None
+    needs[4] = needs[4] and rel_cols is not None
+    grads = shifted_bwd(dout, q, k, v, rel_rows, rel_cols, probs, ctx.kernel_size, ctx.scale, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None, None, None)
+
+
+torch.library.register_autograd("sasa::shifted_fwd", _autograd_backward, setup_context=_setup_context)
 
 
 def shifted_attention(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale):
-    out = _ShiftedAttention.apply(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale)
+    out, _probs = shifted_fwd(q, k, v, rel_rows, rel_cols, int(kernel_size), padding == "mask", float(scale))
     return out if q.stride(-1) == 1 else _cf(out)  # channels-first results come back as (B, h, d, H, W)
 
 
