@@ -182,3 +182,77 @@ def test_train_step_memory_is_small():
     )
     grown_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grown_mb < 600, f"train step grew peak RSS by {grown_mb} MB"
+
+
+def _train_step(model, x):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("stem", ["attention", "conv"])
+def test_checkpoint_stem_same_gradients_and_statistics(stem):
+    """``checkpoint_stem=True`` recomputes the stem part in the backward: the same gradients (float64) and BN
+    running statistics updated once, as without it."""
+    torch.manual_seed(0)
+    plain = sasa.create_model("test_sasa_resnet", stem=stem).double()
+    ckpt = sasa.create_model("test_sasa_resnet", stem=stem, checkpoint_stem=True).double()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for _ in range(2):
+        grads, grads_ckpt = _train_step(plain, x), _train_step(ckpt, x)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, b), b_ckpt in zip(plain.named_buffers(), ckpt.buffers()):
+        assert torch.equal(b, b_ckpt), name
+    ckpt.eval()
+    torch.testing.assert_close(ckpt(x), plain.eval()(x))
+
+
+def _saved_bytes(fn):
+    """Bytes autograd saves for the backward while ``fn()`` runs, and its result."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+def test_checkpoint_stem_keeps_only_the_image():
+    """Saved for the backward by ``forward_features``: stages + stem part without the option, stages + the image
+    with ``checkpoint_stem=True``."""
+    x = torch.randn(2, 3, 32, 32)
+    plain = sasa.create_model("test_sasa_resnet", stem="attention").train()
+    ckpt = sasa.create_model("test_sasa_resnet", stem="attention", checkpoint_stem=True).train()
+    stem_bytes, y = _saved_bytes(lambda: plain._stem(x))
+    stage_bytes, _ = _saved_bytes(lambda: plain.layer4(plain.layer3(plain.layer2(plain.layer1(y.detach())))))
+    full_resolution = y.numel() * 16 * y.element_size()  # the stem's output before its 4x4 max pool
+    assert stem_bytes > 2 * full_resolution  # BN input and ReLU output, at least
+    assert _saved_bytes(lambda: plain.forward_features(x))[0] == stage_bytes + stem_bytes
+    assert _saved_bytes(lambda: ckpt.forward_features(x))[0] == stage_bytes + x.numel() * x.element_size()
+
+
+@pytest.mark.slow
+def test_model_compiles_as_one_graph():
+    """``torch.compile(fullgraph=True)`` (Inductor, ~30 s on CPU) of a full-attention model with the CPU backend and
+    ``checkpoint_stem``: no graph break, eager's gradients and BN statistics. (Graph breaks around the attention
+    op used to send every block through recompiles with dynamic shapes, which Inductor failed to compile.)"""
+    torch.manual_seed(0)
+    eager = sasa.create_model("test_sasa_resnet", stem="attention", checkpoint_stem=True, backend="shifted")
+    model = sasa.create_model("test_sasa_resnet", stem="attention", checkpoint_stem=True, backend="shifted")
+    model.load_state_dict(eager.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    grads = _train_step(eager, x)
+    _train_step(torch.compile(model, fullgraph=True), x)
+    grads_compiled = {n: p.grad for n, p in model.named_parameters()}
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_compiled[name], g, rtol=1e-3, atol=1e-3 * g.abs().max().item(),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    for (name, b), b_compiled in zip(eager.named_buffers(), model.buffers()):
+        torch.testing.assert_close(b_compiled, b, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,4 +1,5 @@
-"""Recompute a cheap activation in the backward instead of keeping it: ``recompute_saved_views``.
+"""Recompute activations in the backward instead of keeping them: ``recompute_saved_views``, and
+``checkpoint_keeping_buffers``.
 
 ``SelfAttention2d`` passes q, k and v to the attention op as views of one fused 1x1 projection ``y`` (3 x C_out
 channels); a backend that saves its inputs for the backward (the Triton kernels do) keeps all of ``y`` alive until
@@ -12,7 +13,13 @@ Backends that save their own tensors (copies) rather than views of ``y`` are una
 The recompute runs under the autocast state of the forward; if the projection's input changed in place between
 forward and backward, the unpack raises instead of returning different values.
 
-Status: complete; opt-in (``SelfAttention2d(recompute_qkv=True)``), its GPU time cost not yet measured.
+``checkpoint_keeping_buffers(fn, x, modules)`` is ``torch.utils.checkpoint`` (non-reentrant) whose recompute in the
+backward leaves the buffers of ``modules`` as the forward left them: a BatchNorm inside the checkpointed region
+updates its running statistics once per step, not twice. ``ResNet(checkpoint_stem=True)`` uses it for the stem
+part, whose full-resolution activations are the largest of the attention-stem model.
+
+Status: complete; both opt-in (``SelfAttention2d(recompute_qkv=True)``, ``ResNet(checkpoint_stem=True)``), their
+GPU time cost not yet measured.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class _View(NamedTuple):
@@ -69,3 +78,31 @@ def recompute_saved_views(y: torch.Tensor, recompute: Callable[[], torch.Tensor]
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
+
+
+@contextlib.contextmanager
+def _buffers_kept(modules: list[nn.Module]) -> Iterator[None]:
+    """Restore every buffer of ``modules`` (running mean / var, batch counters) on exit."""
+    kept = [(buf, buf.clone()) for m in modules for buf in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in kept:
+                buf.copy_(value)
+
+
+def checkpoint_keeping_buffers(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                               modules: list[nn.Module]) -> torch.Tensor:
+    """``fn(x)`` keeping only ``x`` for the backward, which runs ``fn`` again (``torch.utils.checkpoint``,
+    non-reentrant); that second run leaves the buffers of ``modules`` (BatchNorm running statistics) unchanged.
+
+    Args:
+        fn: the region to recompute; deterministic apart from the buffers it updates.
+        x: its input.
+        modules: the modules whose buffers ``fn`` updates (e.g. the BatchNorm in the region).
+    """
+    if torch.compiler.is_compiling():  # the compiled graph recomputes pure ops only; buffer updates happen once
+        return checkpoint(fn, x, use_reentrant=False)
+    return checkpoint(fn, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _buffers_kept(modules)))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..layers.attention import SelfAttention2d
+from ..layers.recompute import checkpoint_keeping_buffers
 from ..layers.stem import AttentionStem
 
 STEMS = ("conv", "attention", "small")
@@ -77,6 +78,11 @@ class ResNet(nn.Module):
         kernel_size, heads, padding, positional, query_key, rel_per_head, scale, backend, recompute_qkv:
             ``SelfAttention2d`` options for every attention layer.
         stem: ``"conv"``, ``"attention"`` or ``"small"``.
+        checkpoint_stem: in training, keep only the image for the backward and recompute the stem part (stem, BN,
+            ReLU, pool) there (``torch.utils.checkpoint``; BN running statistics updated once). For the attention
+            stem, whose BN / ReLU run at full resolution, this removes the largest activations of the model for one
+            more stem forward per step. Not applied by torchvision's ``IntermediateLayerGetter`` (detection), which
+            runs the children itself.
         stem_values: values of the attention stem, ``"spatial"``, ``"plain"`` or ``"conv"``.
         stem_mixtures: m, the number of value matrices of the spatially-aware stem.
         width_multiplier: scales every width.
@@ -89,7 +95,8 @@ class ResNet(nn.Module):
                  attention_stages: Sequence[int] = (), kernel_size: int = 7, heads: int = 8, padding: str = "zeros",
                  positional: str = "relative", query_key: bool = True, rel_per_head: bool = False,
                  scale: float = 1.0, backend: str | None = None, recompute_qkv: bool = False, stem: str = "conv",
-                 stem_values: str = "spatial", stem_mixtures: int = 4, width_multiplier: float = 1.0,
+                 stem_values: str = "spatial", stem_mixtures: int = 4, checkpoint_stem: bool = False,
+                 width_multiplier: float = 1.0,
                  zero_init_residual: bool = False,
                  norm_layer: Callable[[int], nn.Module] | None = None, drop_rate: float = 0.0) -> None:
         super().__init__()
@@ -107,6 +114,7 @@ class ResNet(nn.Module):
         self._norm_layer = norm_layer
         self.num_classes = num_classes
         self.attention_stages = attention_stages
+        self.checkpoint_stem = bool(checkpoint_stem)
         divisor = 2 * heads if (attention_stages or stem == "attention") else 8
         widths = [make_divisible(64 * width_multiplier * 2**i, divisor) for i in range(4)]
         stem_width = make_divisible(64 * width_multiplier, divisor)
@@ -166,8 +174,14 @@ class ResNet(nn.Module):
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.checkpoint_stem and self.training and torch.is_grad_enabled():
+            x = checkpoint_keeping_buffers(self._stem, x, [self.conv1, self.bn1])
+        else:
+            x = self._stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
