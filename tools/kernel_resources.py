@@ -8,7 +8,14 @@ per-thread register count, spill stores / loads, the kernel's shared memory, and
 width (``nvdisasm``): 16-byte loads are what the channels-last layout is for; 2-byte ones mean the compiler could
 not vectorise (a mask that varies along the channels did that to every load until the ``EVEN_D`` specialisation).
 Spills or >128 registers at 8 warps (occupancy) rule a configuration out before it costs GPU time in
-``tools/tile_sweep.py``; nothing here says how fast a configuration is.
+``tools/tile_sweep.py``.
+
+It also estimates the work: ``instr/unit``, the thread-instructions issued per unit of work (one pixel, one head,
+one window offset), from the SASS: every instruction counts ``KS ** depth`` times, depth being how many loops (a
+backward branch in the SASS; every loop of these kernels runs ``KS`` times) enclose it, times the threads of a
+program, divided by the program's pixels x heads x ``KS**2``. A static model (no caches, no latency, no
+occupancy), but the kernels were measured close to issue-bound on an H200 (BENCHMARKS.md), so it ranks
+configurations worth timing; the timing itself is ``tools/tile_sweep.py``'s.
 
 Usage::
 
@@ -41,12 +48,11 @@ def _signature(fn, hw: int, C: int, constexprs: dict) -> tuple[dict, dict, dict]
     d = C // 8
     fused = {"b": hw * hw * 3 * C, "h": hw * 3 * C, "w": 3 * C, "n": d, "d": 1}  # q, k, v: views of (.., 3, 8, d)
     plain = {"b": hw * hw * C, "h": hw * C, "w": C, "n": d, "d": 1}  # out, dout, dq, dk, dv
-    table = {"n": 0, "k": d, "c": 1}  # shared tables, placed in (K, d) blocks on the host
     sig, consts, attrs = {}, dict(constexprs), {}
     for idx, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("LSE", "DELTA", "DREL"):
+        elif name in ("LSE", "DELTA", "DREL", "RR", "RC"):  # the relative tables are fp32 parameters
             sig[name], attrs[(idx,)] = "*fp32", [["tt.divisibility", 16]]
         elif name == "scale":
             sig[name] = "fp32"
@@ -56,7 +62,7 @@ def _signature(fn, hw: int, C: int, constexprs: dict) -> tuple[dict, dict, dict]
             sig[name], attrs[(idx,)] = "*bf16", [["tt.divisibility", 16]]
         else:
             tensor, axis = re.fullmatch(r"s(\w+)_(\w)", name).groups()
-            value = table[axis] if tensor in ("rr", "rc") else (fused if tensor in ("q", "k", "v") else plain)[axis]
+            value = (fused if tensor in ("q", "k", "v") else plain)[axis]
             if value == 1:
                 sig[name], consts[name] = "constexpr", 1
             else:
@@ -74,7 +80,7 @@ def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: 
     hw, C = STAGES[stage]
     fn = {"fwd": tk._fwd_kernel, "bwd_q": tk._bwd_q_kernel, "bwd_kv": tk._bwd_kv_kernel}[kind]
     consts = dict(KS=7, HAS_K=True, HAS_ROWS=True, HAS_COLS=True, TH=tile[0], TW=tile[1], BD=C // 8,
-                  EVEN_D=tk.even_channels(C // 8, C // 8, hb), HB=hb, INT64=False, VEC=8)
+                  EVEN_D=tk.even_channels(C // 8, C // 8), HB=hb, INT64=False, VEC=8)
     if kind != "bwd_kv":
         consts["MASK"] = False
     if kind == "bwd_q":
@@ -91,6 +97,7 @@ def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: 
         log = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", cubin], capture_output=True,
                              text=True, check=True).stderr
         sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    per_thread = dynamic_instructions(sass, 7)
     widths = re.findall(r"\bLDG\.E(\.128|\.64|\.U16|\.S16|\.U8|\.S8)?\b", sass)
     loads = {bits: sum(1 for w in widths if {"": 32, ".128": 128, ".64": 64}.get(w, 16 if "16" in w else 8) == bits)
              for bits in (128, 64, 32, 16, 8)}
@@ -99,7 +106,26 @@ def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: 
     return {"kind": kind, "stage": stage, "tile": list(tile), "num_warps": warps, "heads_per_program": hb,
             "registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1)),
             "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared,
-            "global_loads_by_bits": loads}
+            "global_loads_by_bits": loads, "instructions_per_thread": per_thread,
+            "instructions_per_unit": round(per_thread * warps * 32 / (tile[0] * tile[1] * hb * 49), 1)}
+
+
+def dynamic_instructions(sass: str, trips: int) -> int:
+    """Instructions one thread issues: each SASS instruction counted ``trips ** (loops around it)``."""
+    instr, labels, branches = 0, {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = instr
+            continue
+        op = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?);", line)
+        if op:
+            target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", op.group(1))
+            if target:
+                branches.append((instr, target.group(1)))
+            instr += 1
+    loops = [(labels[t], at) for at, t in branches if t in labels and labels[t] < at]  # backward branches
+    return sum(trips ** sum(1 for lo, hi in loops if lo <= k <= hi) for k in range(instr))
 
 
 def main(argv=None) -> int:
@@ -120,7 +146,7 @@ def main(argv=None) -> int:
     tk = kernels_for(torch.device("cuda"))  # the compiled (not interpreted) module; nothing is launched
     rows = []
     print(f"{'kind':7s} {'stage':>5s} {'tile':>5s} {'warps':>5s} {'HB':>3s} {'regs':>5s} {'spill st/ld B':>14s} "
-          f"{'smem B':>7s}  global loads by width (bits: count)")
+          f"{'smem B':>7s} {'instr/unit':>10s}  global loads by width (bits: count)")
     for stage in map(int, args.stages.split(",")):
         for kind in args.kinds.split(","):
             for tile in (tuple(map(int, t.split("x"))) for t in args.tiles.split(",")):
@@ -135,7 +161,7 @@ def main(argv=None) -> int:
                         else:
                             print(f"{kind:7s} {stage:5d} {tile[0]}x{tile[1]:<3d} {warps:5d} {hb:3d} "
                                   f"{r['registers']:5d} {r['spill_store_bytes']:>6d}/{r['spill_load_bytes']:<7d} "
-                                  f"{r['shared_bytes']:7d}  "
+                                  f"{r['shared_bytes']:7d} {r['instructions_per_unit']:10.0f}  "
                                   + " ".join(f"{b}:{n}" for b, n in r["global_loads_by_bits"].items() if n),
                                   flush=True)
                         rows.append(r)

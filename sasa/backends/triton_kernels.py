@@ -10,10 +10,12 @@ L1/L2. All arithmetic is fp32 whatever the input dtype; no ``tl.dot``, so head_d
 (channels-last keeps a pixel's heads adjacent; with ``HB > 1`` one program reads ``HB * d`` adjacent channels of a
 pixel). Offsets promise the compiler ``tl.multiple_of(.., VEC)`` (checked on the host from the strides) and, when
 head_dim is a power of two (``EVEN_D``, see ``even_channels``), masks are constant along the channels, so a thread's
-channels load as one vector (16 bytes from head_dim 16 in bf16; SASS checked offline by
-``tools/kernel_resources.py``). Without ``EVEN_D`` (and in every kernel before it) the channel mask made the
-compiler issue 2-byte loads. The relative tables arrive placed in zero-filled ``(K, BD)`` blocks (``_placed``: rows
-in channels ``[0, d/2)``, columns in ``[d/2, d)``), so their rows load without masks too.
+channels load as one vector (up to 16 bytes; SASS checked offline by ``tools/kernel_resources.py``) when the
+layout gives a thread several channels of a pixel, which ``num_warps`` decides: a program of ``32 * num_warps``
+threads spreads its ``TH*TW*HB*BD`` elements over them. Without ``EVEN_D`` (and in every kernel before it) the
+channel mask made the compiler issue 2-byte loads. The relative tables arrive placed in zero-filled, contiguous
+``(heads, K, BD)`` blocks (``_placed``: rows in channels ``[0, d/2)``, columns in ``[d/2, d)``, shared tables
+repeated per head), so their rows load at compile-time strides, without masks, as vectors too.
 
 - ``_fwd_kernel``: online softmax over the offsets; writes ``out`` (input dtype) and the per-(pixel, head)
   log-sum-exp ``lse`` (fp32, ``(B, heads, H, W)``) for the backward.
@@ -63,11 +65,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def even_channels(d: int, block_d: int, hb: int) -> bool:
-    """``EVEN_D``: drop the channel mask (so loads vectorise) when head_dim fills its power-of-two block, except for
-    head_dim < 16 with one head per program: there the offline build showed more registers (32 -> 48 in the forward,
-    fewer resident blocks) for 4- instead of 2-byte loads, and that configuration is the one measured on a GPU."""
-    return d == block_d and (block_d >= 16 or hb > 1)
+def even_channels(d: int, block_d: int) -> bool:
+    """``EVEN_D``: head_dim fills its power-of-two block, so no channel mask, and a thread's channels load as one
+    vector."""
+    return d == block_d
 
 
 def heads_per_program(heads: int, wanted: int) -> int:
@@ -131,18 +132,19 @@ def _mask(pix_ok, ch, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _table_row(RR, heads, a, s_n, s_k, s_c, ch, HAS: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr):
-    """``(HB, BD)``: row ``a`` of the row table, placed in channels ``[0, d/2)`` and zero elsewhere on the host
-    (``_placed``), so the load needs no mask and vectorises; zeros without a table."""
+def _table_row(RR, heads, a, ch, HAS: tl.constexpr, KS: tl.constexpr, HB: tl.constexpr, BD: tl.constexpr):
+    """``(HB, BD)``: row ``a`` of the row table, placed on the host (``_placed``) in a contiguous ``(heads, KS, BD)``
+    block, channels ``[0, d/2)``, zeros elsewhere: compile-time strides and no mask, so the load vectorises; zeros
+    without a table."""
     if HAS:
-        return tl.load(RR + heads[:, None] * s_n + a * s_k + ch[None, :] * s_c).to(tl.float32)
+        return tl.load(RR + (heads[:, None] * KS + a) * BD + ch[None, :]).to(tl.float32)
     return tl.zeros([HB, BD], tl.float32)
 
 
 @triton.jit
-def _table_col(RC, heads, b, s_n, s_k, s_c, ch):
-    """``(HB, BD)``: row ``b`` of the column table, placed in channels ``[d/2, d)`` on the host."""
-    return tl.load(RC + heads[:, None] * s_n + b * s_k + ch[None, :] * s_c).to(tl.float32)
+def _table_col(RC, heads, b, ch, KS: tl.constexpr, BD: tl.constexpr):
+    """``(HB, BD)``: row ``b`` of the column table, placed as the row table's but in channels ``[d/2, d)``."""
+    return tl.load(RC + (heads[:, None] * KS + b) * BD + ch[None, :]).to(tl.float32)
 
 
 @triton.jit
@@ -152,8 +154,6 @@ def _fwd_kernel(
     sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d,
     so_b, so_h, so_w, so_n, so_d,
-    srr_n, srr_k, srr_c,
-    src_n, src_k, src_c,
     HEADS, H, W, D, TILES_W, N_TILES, scale,
     KS: tl.constexpr, MASK: tl.constexpr, HAS_K: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr, HB: tl.constexpr,
@@ -175,7 +175,7 @@ def _fwd_kernel(
     for a in range(KS):
         ii = i + (a - R)
         row_ok = (ii >= 0) & (ii < H)
-        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HAS_ROWS, HB, BD)
+        rrow = _table_row(RR, hd, a, ch, HAS_ROWS, KS, HB, BD)
         for b in range(KS):
             jj = j + (b - R)
             ok = row_ok & (jj >= 0) & (jj < W)  # (P,) key inside the image
@@ -187,7 +187,7 @@ def _fwd_kernel(
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
                 if HAS_COLS:
-                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch)
+                    rel = rrow + _table_col(RC, hd, b, ch, KS, BD)
                 t = t + rel[None, :, :]
             s = tl.sum(q * t, axis=2) * scale  # (P, HB) logits
             if MASK:
@@ -215,8 +215,6 @@ def _bwd_q_kernel(
     so_b, so_h, so_w, so_n, so_d,
     sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
     sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
-    srr_n, srr_k, srr_c,
-    src_n, src_k, src_c,
     B, HEADS, H, W, D, HALF, TILES_W, N_TILES, scale,
     KS: tl.constexpr, KP: tl.constexpr, MASK: tl.constexpr, HAS_K: tl.constexpr,
     HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr, ROW_GRAD: tl.constexpr, COL_GRAD: tl.constexpr,
@@ -247,7 +245,7 @@ def _bwd_q_kernel(
     for a in range(KS):
         ii = i + (a - R)
         row_ok = (ii >= 0) & (ii < H)
-        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HAS_ROWS, HB, BD)
+        rrow = _table_row(RR, hd, a, ch, HAS_ROWS, KS, HB, BD)
         s_row = tl.zeros([P, HB], tl.float32)  # per pixel and head, sum over column offsets of ds
         for b in range(KS):
             jj = j + (b - R)
@@ -260,7 +258,7 @@ def _bwd_q_kernel(
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
                 if HAS_COLS:
-                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch)
+                    rel = rrow + _table_col(RC, hd, b, ch, KS, BD)
                 t = t + rel[None, :, :]
             s = tl.sum(q * t, axis=2) * scale
             p = tl.exp(s - lse)
@@ -303,8 +301,6 @@ def _bwd_kv_kernel(
     sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
     sdk_b, sdk_h, sdk_w, sdk_n, sdk_d,
     sdv_b, sdv_h, sdv_w, sdv_n, sdv_d,
-    srr_n, srr_k, srr_c,
-    src_n, src_k, src_c,
     HEADS, H, W, D, TILES_W, N_TILES, scale,
     KS: tl.constexpr, HAS_K: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr, HB: tl.constexpr,
@@ -329,7 +325,7 @@ def _bwd_kv_kernel(
     for a in range(KS):
         qi = i - (a - R)  # the query that sees this key at row offset a
         row_ok = (qi >= 0) & (qi < H) & in_img
-        rrow = _table_row(RR, hd, a, srr_n, srr_k, srr_c, ch, HAS_ROWS, HB, BD)
+        rrow = _table_row(RR, hd, a, ch, HAS_ROWS, KS, HB, BD)
         for b in range(KS):
             qj = j - (b - R)
             ok = row_ok & (qj >= 0) & (qj < W)  # (P,) query inside the image
@@ -338,7 +334,7 @@ def _bwd_kv_kernel(
             if HAS_ROWS or HAS_COLS:
                 rel = rrow
                 if HAS_COLS:
-                    rel = rrow + _table_col(RC, hd, b, src_n, src_k, src_c, ch)
+                    rel = rrow + _table_col(RC, hd, b, ch, KS, BD)
                 t = t + rel[None, :, :]
             qs = tl.load(_ptrs(Q, bi, sq_b, qi, qj, sq_h, sq_w, hd, sq_n, ch, sq_d, VEC), mask=ld,
                          other=0.0).to(tl.float32)
@@ -400,23 +396,15 @@ def _strides(t) -> tuple[int, ...]:
     return tuple(stride if size > 1 else 0 for size, stride in zip(t.shape, t.stride()))
 
 
-def _placed(table, start: int, block_d: int):
-    """A ``(K, w)`` or ``(heads, K, w)`` table as ``(..., K, block_d)`` zeros with the table in channels
-    ``[start, start + w)``: rows at 0, columns at d/2. The kernels then load whole channel blocks without a mask."""
+def _placed(table, start: int, block_d: int, heads: int):
+    """A ``(K, w)`` (shared) or ``(heads, K, w)`` table as a contiguous ``(heads, K, block_d)`` block of zeros with
+    the table in channels ``[start, start + w)``: rows at 0, columns at d/2. The kernels then load whole channel
+    blocks at compile-time strides, without a mask."""
     if table is None:
         return None
-    out = table.new_zeros(*table.shape[:-1], block_d)
+    out = table.new_zeros(heads, table.shape[-2], block_d)
     out[..., start:start + table.shape[-1]] = table
     return out
-
-
-def _table_strides(table):
-    """(head, row, channel) strides; a shared (K, d/2) table gets head stride 0."""
-    if table is None:
-        return 0, 0, 0
-    if table.dim() == 2:
-        return 0, table.stride(0), table.stride(1)
-    return table.stride(0), table.stride(1), table.stride(2)
 
 
 def forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: float):
@@ -431,14 +419,13 @@ def forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: fl
     tiles_w = triton.cdiv(W, tw)
     n_tiles = triton.cdiv(H, th) * tiles_w
     kt = k if k is not None else q  # dummy pointer, never read
-    pr, pc = _placed(rel_rows, 0, bd), _placed(rel_cols, d // 2, bd)
+    pr, pc = _placed(rel_rows, 0, bd, heads), _placed(rel_cols, d // 2, bd, heads)
     _fwd_kernel[(B * n_tiles * (heads // hb),)](
         q, kt, v, pr if pr is not None else q, pc if pc is not None else q, out, lse,
         *_strides(q), *_strides(kt), *_strides(v), *_strides(out),
-        *_table_strides(pr), *_table_strides(pc),
         heads, H, W, d, tiles_w, n_tiles, float(scale),
         KS=kernel_size, MASK=bool(mask), HAS_K=k is not None, HAS_ROWS=rel_rows is not None,
-        HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd, hb), HB=hb,
+        HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd), HB=hb,
         INT64=_needs_int64(q, kt, v, out),
         VEC=_vector_width(bd, q, k, v, out), num_warps=num_warps,
     )
@@ -460,7 +447,7 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
         return dq, dk, (torch.zeros_like(dq) if need_kv else None), z[0], z[1]
     bd = _next_pow2(d)
     kt = k if k is not None else q
-    pr, pc = _placed(rel_rows, 0, bd), _placed(rel_cols, d // 2, bd)
+    pr, pc = _placed(rel_rows, 0, bd, heads), _placed(rel_cols, d // 2, bd, heads)
     rr = pr if pr is not None else q
     rc = pc if pc is not None else q
     vec = _vector_width(bd, q, k, v, out, dq)
@@ -477,11 +464,10 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
     _bwd_q_kernel[(B * n_tiles * (heads // hb),)](
         q, kt, v, out, dout, lse, delta, dq, drel, rr, rc,
         *_strides(q), *_strides(kt), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
-        *_table_strides(pr), *_table_strides(pc),
         B, heads, H, W, d, d // 2, tiles_w, n_tiles, float(scale),
         KS=kernel_size, KP=_next_pow2(kernel_size), MASK=bool(mask), HAS_K=k is not None,
         HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None, ROW_GRAD=row_grad, COL_GRAD=col_grad,
-        TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd, hb), HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
+        TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd), HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
     )
     drows = dcols = None
     if row_grad or col_grad:
@@ -501,9 +487,8 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
         _bwd_kv_kernel[(B * n_tiles * (heads // hb),)](
             q, kt, v, dout, lse, delta, dkt, dv, rr, rc,
             *_strides(q), *_strides(kt), *_strides(v), *_strides(dout), *_strides(dkt), *_strides(dv),
-            *_table_strides(pr), *_table_strides(pc),
-            heads, H, W, d, tiles_w, n_tiles, float(scale),
+                heads, H, W, d, tiles_w, n_tiles, float(scale),
             KS=kernel_size, HAS_K=k is not None, HAS_ROWS=rel_rows is not None, HAS_COLS=rel_cols is not None,
-            TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd, hb), HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
+            TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd), HB=hb, INT64=int64, VEC=vec, num_warps=num_warps,
         )
     return dq, dk, dv, drows, dcols
