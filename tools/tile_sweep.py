@@ -6,6 +6,7 @@ measurements. Writes ``DIR/tile_sweep.json``. Usage::
 
     python tools/tile_sweep.py --out DIR [--stages 1,2]                    # tiles x warps, one head per program
     python tools/tile_sweep.py --out DIR --stages 1,2 --heads 1,2,4,8 --tiles 4x8,8x8 --warps 4,8
+    python tools/tile_sweep.py --out DIR --stages 1 --configs 8x8x2x1,8x8x4x2         # TH x TW x warps x HB
 
 Each new configuration compiles three kernels (seconds each): keep the grid small on a rented GPU.
 ``tools/kernel_resources.py`` prints registers and spills per configuration without a GPU. ``--smoke`` runs the
@@ -54,6 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warps", default="2,4,8")
     parser.add_argument("--heads", default="1", help="heads per program (HB) to try, powers of two dividing 8")
     parser.add_argument("--tiles", help="tiles THxTW,... for every stage (default: a list per stage)")
+    parser.add_argument("--configs", help="explicit THxTWxWARPSxHB,... (replaces --tiles / --warps / --heads)")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, batch 1 of 8x8 maps")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -77,8 +79,11 @@ def main(argv=None) -> None:
         rows = (torch.randn(7, d // 2, device=dev, generator=g) * 0.1).bfloat16()
         cols = (torch.randn(7, d // 2, device=dev, generator=g) * 0.1).bfloat16()
         dout = torch.randn(batch, hw, hw, heads, d, device=dev, generator=g).bfloat16()
-        grid = [None] + [(th, tw, nw, hb) for th, tw in tiles or TILES[stage] for nw in map(int, args.warps.split(","))
-                         for hb in map(int, args.heads.split(","))]
+        if args.configs:
+            grid = [None] + [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
+        else:
+            grid = [None] + [(th, tw, nw, hb) for th, tw in tiles or TILES[stage]
+                             for nw in map(int, args.warps.split(",")) for hb in map(int, args.heads.split(","))]
         for config in grid:  # None: the current TILES entries (per kernel), the baseline of the sweep
             tk.tile_config = original if config is None else (lambda H, W, bd, kind, heads=1, c=config: c)
             rec = {"stage": stage, "tile": "current" if config is None else list(config[:2]),
@@ -92,6 +97,7 @@ def main(argv=None) -> None:
                 rec["error"] = f"{type(e).__name__}: {e}"[:200]
             results.append(rec)
             print(json.dumps(rec), f"t={time.time() - t0:.0f}s", flush=True)
+            _write(args.out, results)  # after every row: a time limit must not lose the rows already measured
         tk.tile_config = original
         for key in ("fwd_ms", "bwd_q_ms", "bwd_ms"):
             ok = [r for r in results if r["stage"] == stage and key in r]
@@ -99,7 +105,11 @@ def main(argv=None) -> None:
                 best = min(ok, key=lambda r: r[key])
                 print(f"stage {stage} best {key}: {best['tile']} warps {best['num_warps']} "
                       f"HB {best['heads_per_program']} = {best[key]:.3f} ms")
-    with open(os.path.join(args.out, "tile_sweep.json"), "w") as f:
+    _write(args.out, results)
+
+
+def _write(out: str, results: list) -> None:
+    with open(os.path.join(out, "tile_sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 
