@@ -215,3 +215,20 @@ def test_shifted_compiles_without_graph_break():
     torch.testing.assert_close(loss, ref)
     for g, r in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(ref, leaves)):
         torch.testing.assert_close(g, r)
+
+
+def test_shifted_backward_memory():
+    """Peak of forward + backward of the CPU backend, in units of its saved probabilities ``(B, h, k*k, H*P)``:
+    3.2 today (probabilities, their gradient, the padded buffers); 4.2 when autograd zero-filled a gradient for
+    the probabilities output of the custom op."""
+    from sasa.bench.timing import peak_mb
+
+    B, H, W, h, d, K = 2, 16, 16, 2, 8, 7
+    q, k, v, rows, cols = (t.requires_grad_(True) for t in make_inputs(B, H, W, h, d, K))
+    probs_mb = B * h * K * K * H * (W + K // 2) * 4 / 2**20
+
+    def step():
+        local_attention_2d(q, k, v, rows, cols, kernel_size=K, backend="shifted").sum().backward()
+
+    step()
+    assert peak_mb(step, torch.device("cpu")) < 3.7 * probs_mb

@@ -264,9 +264,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, rel_rows, rel_cols, output[1])
     ctx.kernel_size, ctx.scale = kernel_size, scale
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient for the probabilities (k*k x the output)
 
 
 def _autograd_backward(ctx, dout, _dprobs):
+    if dout is None:  # the output took no part in the loss
+        return (None,) * 8
     q, k, v, rel_rows, rel_cols, probs = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     needs[1] = needs[1] and k is not None

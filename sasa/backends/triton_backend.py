@@ -125,9 +125,12 @@ def _setup_context(ctx, inputs, output):
     ctx.kernel_size, ctx.mask, ctx.scale = kernel_size, mask, scale
     ctx.present = (k is not None, rel_rows is not None, rel_cols is not None)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:  # the output took no part in the loss
+        return (None,) * 8
     q, k, v, rel_rows, rel_cols, out, lse = ctx.saved_tensors
     has_k, has_rows, has_cols = ctx.present
     need_q, need_k, need_v, need_rows, need_cols = ctx.needs_input_grad[:5]
