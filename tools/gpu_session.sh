@@ -14,6 +14,7 @@ OUT=${1:?usage: bash tools/gpu_session.sh OUT}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/nvidia_smi.csv" 2>&1
+(command -v ncu nsys || echo "no ncu / nsys on PATH") >"$OUT/profilers.txt" 2>&1  # for a later kernel profile
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
 
 timeout 180 python tools/gpu_check.py --out "$OUT" --skip-timing 2>&1 | tee "$OUT/gpu_check.log"
