@@ -14,8 +14,8 @@ It also estimates the work: ``instr/unit``, the thread-instructions issued per u
 one window offset), from the SASS: every instruction counts ``KS ** depth`` times, depth being how many loops (a
 backward branch in the SASS; every loop of these kernels runs ``KS`` times) enclose it, times the threads of a
 program, divided by the program's pixels x heads x ``KS**2``. A static model (no caches, no latency, no
-occupancy), but the kernels were measured close to issue-bound on an H200 (BENCHMARKS.md), so it ranks
-configurations worth timing; the timing itself is ``tools/tile_sweep.py``'s.
+occupancy): it did not rank the stage-1 configurations the H200 sweep measured (BENCHMARKS.md), so it only
+narrows the candidates; the timing is ``tools/tile_sweep.py``'s.
 
 Usage::
 
