@@ -72,20 +72,12 @@ def _signature(fn, hw: int, C: int, constexprs: dict) -> tuple[dict, dict, dict]
     return sig, consts, attrs
 
 
-def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: int, arch: int) -> dict:
+def _build(fn, sig: dict, consts: dict, attrs: dict, warps: int, arch: int):
+    """``(compiled, ptxas log, SASS)`` of one kernel specialisation."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    hw, C = STAGES[stage]
-    fn = {"fwd": tk._fwd_kernel, "bwd_q": tk._bwd_q_kernel, "bwd_kv": tk._bwd_kv_kernel}[kind]
-    consts = dict(KS=7, HAS_K=True, HAS_ROWS=True, HAS_COLS=True, TH=tile[0], TW=tile[1], BD=C // 8,
-                  EVEN_D=tk.even_channels(C // 8, C // 8), HB=hb, INT64=False, VEC=8)
-    if kind != "bwd_kv":
-        consts["MASK"] = False
-    if kind == "bwd_q":
-        consts.update(KP=8, ROW_GRAD=True, COL_GRAD=True)
-    sig, consts, attrs = _signature(fn, hw, C, consts)
     compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -97,15 +89,61 @@ def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: 
         log = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", cubin], capture_output=True,
                              text=True, check=True).stderr
         sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    return compiled, log, sass
+
+
+def _registers(log: str) -> dict:
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1)),
+            "spill_load_bytes": int(spills.group(2))}
+
+
+def stem_resources(kind: str, warps: int, arch: int) -> dict:
+    """The attention stem's kernels (``triton_stem_kernels.py``) at the paper's stem: 3 input channels, 4x4 blocks,
+    4 heads of 16 channels, 4 value mixtures; fp32 image, bf16 output / upstream gradient, 8 blocks per program.
+    ``instructions_per_unit`` is per pixel here (its loops run 4 times: heads, mixtures)."""
+    import torch
+
+    from sasa.backends.triton_backend import kernels_for
+
+    tk = kernels_for(torch.device("cuda"), "triton_stem_kernels")
+    fn = {"stem_fwd": tk._stem_fwd_kernel, "stem_bwd": tk._stem_bwd_kernel}[kind]
+    consts = dict(S=4, LP=16, C=3, HEADS=4, M=4, D=16, BD=16, HAS_PM=True, NB=tk.BLOCKS_PER_PROGRAM)
+    if kind == "stem_bwd":
+        consts.update(CP=4, MP=4)
+    sig, attrs = {}, {}
+    for idx, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("NBLK", "HB", "WB") or not name[0].isupper():
+            sig[name] = "i32"
+        else:
+            sig[name], attrs[(idx,)] = ("*bf16" if name in ("OUT", "DO") else "*fp32"), [["tt.divisibility", 16]]
+    compiled, log, sass = _build(fn, sig, consts, attrs, warps, arch)
+    per_thread = dynamic_instructions(sass, 4)
+    return {"kind": kind, "num_warps": warps, **_registers(log), "shared_bytes": compiled.metadata.shared,
+            "instructions_per_thread": per_thread,
+            "instructions_per_unit": round(per_thread * warps * 32 / (consts["NB"] * 16), 1)}
+
+
+def resources(tk, kind: str, stage: int, tile: tuple[int, int], warps: int, hb: int, arch: int) -> dict:
+    hw, C = STAGES[stage]
+    fn = {"fwd": tk._fwd_kernel, "bwd_q": tk._bwd_q_kernel, "bwd_kv": tk._bwd_kv_kernel}[kind]
+    consts = dict(KS=7, HAS_K=True, HAS_ROWS=True, HAS_COLS=True, TH=tile[0], TW=tile[1], BD=C // 8,
+                  EVEN_D=tk.even_channels(C // 8, C // 8), HB=hb, INT64=False, VEC=8)
+    if kind != "bwd_kv":
+        consts["MASK"] = False
+    if kind == "bwd_q":
+        consts.update(KP=8, ROW_GRAD=True, COL_GRAD=True)
+    sig, consts, attrs = _signature(fn, hw, C, consts)
+    compiled, log, sass = _build(fn, sig, consts, attrs, warps, arch)
     per_thread = dynamic_instructions(sass, 7)
     widths = re.findall(r"\bLDG\.E(\.128|\.64|\.U16|\.S16|\.U8|\.S8)?\b", sass)
     loads = {bits: sum(1 for w in widths if {"": 32, ".128": 128, ".64": 64}.get(w, 16 if "16" in w else 8) == bits)
              for bits in (128, 64, 32, 16, 8)}
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return {"kind": kind, "stage": stage, "tile": list(tile), "num_warps": warps, "heads_per_program": hb,
-            "registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1)),
-            "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared,
+            **_registers(log), "shared_bytes": compiled.metadata.shared,
             "global_loads_by_bits": loads, "instructions_per_thread": per_thread,
             "instructions_per_unit": round(per_thread * warps * 32 / (tile[0] * tile[1] * hb * 49), 1)}
 
@@ -131,7 +169,8 @@ def dynamic_instructions(sass: str, trips: int) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", default="1,2")
-    parser.add_argument("--kinds", default="fwd,bwd_q,bwd_kv")
+    parser.add_argument("--kinds", default="fwd,bwd_q,bwd_kv", help="also stem_fwd, stem_bwd (the attention "
+                        "stem's kernels; once per warp count, whatever the stages / tiles / heads)")
     parser.add_argument("--tiles", default="8x8", help="THxTW,...")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--heads", default="1,2,4,8", help="heads per program (HB)")
@@ -147,8 +186,15 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'kind':7s} {'stage':>5s} {'tile':>5s} {'warps':>5s} {'HB':>3s} {'regs':>5s} {'spill st/ld B':>14s} "
           f"{'smem B':>7s} {'instr/unit':>10s}  global loads by width (bits: count)")
+    for kind in [k for k in args.kinds.split(",") if k.startswith("stem_")]:
+        for warps in map(int, args.warps.split(",")):
+            r = stem_resources(kind, warps, args.arch)
+            print(f"{kind:7s} {'-':>5s} {'-':>5s} {warps:5d} {'-':>3s} {r['registers']:5d} "
+                  f"{r['spill_store_bytes']:>6d}/{r['spill_load_bytes']:<7d} {r['shared_bytes']:7d} "
+                  f"{r['instructions_per_unit']:10.0f}  (per pixel)", flush=True)
+            rows.append(r)
     for stage in map(int, args.stages.split(",")):
-        for kind in args.kinds.split(","):
+        for kind in [k for k in args.kinds.split(",") if not k.startswith("stem_")]:
             for tile in (tuple(map(int, t.split("x"))) for t in args.tiles.split(",")):
                 for warps in map(int, args.warps.split(",")):
                     for hb in map(int, args.heads.split(",")):

@@ -41,13 +41,14 @@ def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _kernels(interpret: bool):
-    """The kernel module, loaded once per mode (compiled / interpreted) with ``TRITON_INTERPRET`` set to match."""
-    mod = _KERNELS.get(interpret)
+def _kernels(interpret: bool, module: str = "triton_kernels"):
+    """A kernel module of this package (``triton_kernels``, ``triton_stem_kernels``), loaded once per mode
+    (compiled / interpreted) with ``TRITON_INTERPRET`` set to match."""
+    mod = _KERNELS.get((module, interpret))
     if mod is not None:
         return mod
-    name = __package__ + (".triton_kernels_interpreted" if interpret else ".triton_kernels")
-    path = os.path.join(os.path.dirname(__file__), "triton_kernels.py")
+    name = f"{__package__}.{module}" + ("_interpreted" if interpret else "")
+    path = os.path.join(os.path.dirname(__file__), module + ".py")
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     old = os.environ.get("TRITON_INTERPRET")
@@ -63,13 +64,13 @@ def _kernels(interpret: bool):
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = old
-    _KERNELS[interpret] = mod
+    _KERNELS[(module, interpret)] = mod
     return mod
 
 
-def kernels_for(device: torch.device):
+def kernels_for(device: torch.device, module: str = "triton_kernels"):
     """Interpreted kernels for CPU tensors (or when ``TRITON_INTERPRET=1``), compiled ones otherwise."""
-    return _kernels(device.type != "cuda" or _interpret_env())
+    return _kernels(device.type != "cuda" or _interpret_env(), module)
 
 
 def _on_device(q: Tensor):

@@ -12,8 +12,9 @@ through the *values*. Variants (``values=``):
 
 Two formulations: ``forward`` runs spatial and plain values through ``stem_attention.stem_block_attention``, an exact
 reassociation around the 3-channel input that never forms q / k / v and keeps only the input for the backward
-(about 3x faster and half the peak memory of the textbook path on CPU, BENCHMARKS.md); ``reference_forward`` is the
-textbook q / k / v formulation, the oracle in the tests and the path of conv values.
+(about 3x faster and half the peak memory of the textbook path on CPU, BENCHMARKS.md), on CUDA as two Triton
+kernels (``stem_attention.stem_triton``; ``backend=`` picks); ``reference_forward`` is the textbook q / k / v
+formulation, the oracle in the tests and the path of conv values.
 
 This module is only the attention; the model adds BatchNorm, ReLU and the 4x4/4 max pool after it, keeping
 torchvision's ``conv1 / bn1 / relu / maxpool`` attribute contract. Input height and width must be multiples of
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .stem_attention import stem_block_attention
+from .stem_attention import stem_block_attention, stem_triton, use_triton
 
 STEM_VALUES = ("spatial", "plain", "conv")
 
@@ -60,12 +61,17 @@ class AttentionStem(nn.Module):
         embed_dim: width of the row / column / mixture embeddings for spatially-aware values.
         conv_kernel: kernel size of the value convolution for ``values="conv"``.
         scale: logit scale (1.0, as in the layers).
+        backend: ``"torch"`` or ``"triton"`` for the spatial / plain values' op; None: Triton on CUDA, else PyTorch
+            (``SASA_STEM_BACKEND`` overrides the automatic choice).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 64, *, block_size: int = 4, heads: int = 4,
                  values: str = "spatial", mixtures: int = 4, embed_dim: int = 16, conv_kernel: int = 3,
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.0, backend: str | None = None) -> None:
         super().__init__()
+        if backend not in (None, "torch", "triton"):
+            raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+        self.backend = backend
         if out_channels % heads:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
         if values not in STEM_VALUES:
@@ -127,7 +133,6 @@ class AttentionStem(nn.Module):
         B, C, H, W = x.shape
         s, heads = self.block_size, self.heads
         d = self.out_channels // heads
-        xb = self._blocks(x).flatten(0, 2)  # (B*Hb*Wb, s*s, C_in)
         wq, wk = self.query.weight.view(heads, d, C), self.key.weight.view(heads, d, C)
         g = torch.einsum("hoc,hoe->che", wq, wk).reshape(C, heads * C) * self.scale  # G_h = W_Q,h^T W_K,h
         if self.values == "spatial":
@@ -136,6 +141,9 @@ class AttentionStem(nn.Module):
         else:
             pm = None
             wv = self.value.weight.view(heads, d, C).transpose(1, 2)  # (heads, C_in, d)
+        if use_triton(x, self.backend):
+            return stem_triton(x, g, pm, wv.reshape(heads, -1, d), block=s)
+        xb = self._blocks(x).flatten(0, 2)  # (B*Hb*Wb, s*s, C_in)
         return stem_block_attention(xb, g, pm, wv.reshape(heads, -1, d), shape=(B, H // s, W // s, s))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,21 @@ Layouts: ``xb`` ``(N, L, C)`` with N = batch * blocks (row-major: batch, block r
 (row-major inside the block); ``pm`` ``(L, M)``; ``g`` ``(C, heads * C)``; ``wv`` ``(heads, J, d)`` with J = M * C
 (J = C for plain values, ``pm=None``).
 
+On CUDA the same maths runs as two Triton kernels (``stem_triton``, kernels in
+``sasa/backends/triton_stem_kernels.py``): one program per 8 blocks reads the image where it lies and writes the
+NCHW output, the backward recomputes per block and reduces the parameter gradients per program (deterministic).
+``SASA_STEM_BACKEND=torch|triton`` overrides the choice (``triton`` on CPU runs Triton's interpreter: tests only);
+under ``torch.compile`` the PyTorch form runs.
+
 Status: complete; exact (float64 gradcheck, and tests against the textbook formulation
-``AttentionStem.reference_forward``). Measured in BENCHMARKS.md.
+``AttentionStem.reference_forward``); the Triton path tested against it in the interpreter, not yet timed on a GPU.
+Measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -154,3 +164,57 @@ def stem_block_attention(xb: torch.Tensor, g: torch.Tensor, pm: torch.Tensor | N
         with torch.autocast(device, enabled=False):
             return _StemAttention.apply(xb, g, pm, wv, shape)
     return _StemAttention.apply(xb, g, pm, wv, shape)
+
+
+def use_triton(x: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether the stem runs the Triton kernels: ``backend`` ("torch" / "triton") if given, else the
+    ``SASA_STEM_BACKEND`` environment variable if set, else Triton on CUDA (fp32 / bf16 / fp16 images). Under
+    ``torch.compile`` always the PyTorch form (the compiler fuses it)."""
+    choice = backend if backend is not None else os.environ.get("SASA_STEM_BACKEND", "").strip().lower()
+    if choice not in ("", "torch", "triton"):
+        raise ValueError(f"the stem backend must be 'torch' or 'triton' (argument or SASA_STEM_BACKEND), "
+                         f"got {choice!r}")
+    if torch.compiler.is_compiling():
+        return False
+    if choice:
+        return choice == "triton"
+    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _stem_kernels(device: torch.device):
+    from ..backends.triton_backend import kernels_for
+
+    return kernels_for(device, "triton_stem_kernels")
+
+
+class _StemAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g, pm, wv, block: int, out_dtype: torch.dtype):
+        ctx.save_for_backward(x, g, pm, wv)
+        ctx.block = block
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            return _stem_kernels(x.device).forward(x, g, pm, wv, block, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, g, pm, wv = ctx.saved_tensors
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            dx, dg, dpm, dwv = _stem_kernels(x.device).backward(dout, x, g, pm, wv, ctx.block)
+        return dx if ctx.needs_input_grad[0] else None, dg, dpm, dwv, None, None
+
+
+def stem_triton(x: torch.Tensor, g: torch.Tensor, pm: torch.Tensor | None, wv: torch.Tensor, *,
+                block: int) -> torch.Tensor:
+    """``stem_block_attention`` on the image ``x`` ``(B, C, H, W)`` itself (no blocked copy), in the Triton kernels;
+    parameters as there, returns ``(B, C_out, H, W)`` contiguous in the autocast dtype (else x's). fp32 inside."""
+    device = x.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):
+        return _StemAttentionTriton.apply(x, g.contiguous(), pm.contiguous() if pm is not None else None,
+                                          wv.contiguous(), block, out_dtype)
