@@ -347,19 +347,23 @@ class Check:
         rec["ratio_triton_fwd_to_conv_fwd"] = ms["triton_fwd"] / ms["conv_fwd"]
 
     def stem_check(self):
-        """AttentionStem: fast op vs textbook form on the device (fp32, bf16 autocast, compiled)."""
+        """AttentionStem: its PyTorch op and its Triton kernels vs the textbook form on the device (fp32, bf16
+        autocast), and compiled."""
         from sasa import AttentionStem
 
         torch = self.torch
         dev = self.device
         log("\n== attention stem: fast op vs reference_forward ==")
-        for name, dtype, compiled in (("stem_fp32", None, False), ("stem_bf16_autocast", torch.bfloat16, False),
-                                      ("stem_fp32_compiled", None, True)):
+        for name, dtype, compiled, kind in (
+                ("stem_torch_fp32", None, False, "torch"), ("stem_triton_fp32", None, False, "triton"),
+                ("stem_torch_bf16_autocast", torch.bfloat16, False, "torch"),
+                ("stem_triton_bf16_autocast", torch.bfloat16, False, "triton"),
+                ("stem_fp32_compiled", None, True, None)):
             t0 = time.time()
             rec = {"case": name}
             try:
                 torch.manual_seed(0)
-                stem = AttentionStem(3, 64).to(dev)
+                stem = AttentionStem(3, 64, backend=kind).to(dev)
                 x = torch.randn(4, 3, 32, 48, device=dev, requires_grad=True)
                 params = [x, *stem.parameters()]
                 backend = "aot_eager" if self.args.smoke else "inductor"

@@ -116,14 +116,17 @@ class _TextbookStem(nn.Module):
 
 
 def stem_rows(cfg: BenchConfig, log=print) -> list[dict]:
-    """ResNet's ``conv1`` (7x7/2, 3 -> 64) against ``AttentionStem(3, 64)`` (fast and textbook forms), one image
-    batch of the model-mode size. The attention stem's output is at full resolution (the model pools it by 4)."""
+    """ResNet's ``conv1`` (7x7/2, 3 -> 64) against ``AttentionStem(3, 64)`` (the reassociated PyTorch op, on CUDA also
+    its Triton kernels, and the textbook form), one image batch of the model-mode size. The attention stem's output
+    is at full resolution (the model pools it by 4)."""
     B, S = cfg.model_batch, cfg.model_image_size
     base = {"shape": f"{S}x{S}x3", "batch": B, "height": S, "width": S, "channels": 3}
     x = ((B, 3, S, S), torch.float32)
     impls = [("conv7x7/2 stem", None, lambda: nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), x),
-             ("attention stem", "stem", lambda: AttentionStem(3, 64), x),
+             ("attention stem", "stem", lambda: AttentionStem(3, 64, backend="torch"), x),
              ("attention stem textbook", "stem_reference", _TextbookStem, x)]
+    if cfg.device.type == "cuda":  # the Triton kernels (the default there); on CPU they would be interpreted
+        impls.insert(2, ("attention stem triton", "stem_triton", lambda: AttentionStem(3, 64, backend="triton"), x))
     return _measure_rows(impls, base, cfg, log)
 
 
