@@ -22,7 +22,7 @@ timeout 180 python tools/gpu_check.py --out "$OUT" --skip-timing 2>&1 | tee "$OU
 # the heads-per-program steps of the measured 8x8 / 8-warp configuration; the current TILES are the baseline row
 mkdir -p "$OUT/sweep1" "$OUT/sweep2"
 timeout 110 python tools/tile_sweep.py --out "$OUT/sweep1" --stages 1 \
-    --configs 8x8x8x2,8x8x8x4,8x8x8x8,8x8x2x1,8x8x4x2,4x8x4x4,4x8x1x1,4x8x2x2 2>&1 | tee "$OUT/tile_sweep1.log"
+    --configs 8x8x8x8,4x8x8x8,8x8x8x4,8x8x8x2,8x8x2x1,4x8x4x4,8x8x4x2,4x8x2x2 2>&1 | tee "$OUT/tile_sweep1.log"
 timeout 80 python tools/tile_sweep.py --out "$OUT/sweep2" --stages 2 \
     --configs 8x8x2x2,8x8x4x4,4x8x4x4,4x8x2x1,8x8x8x2,8x16x4x1 2>&1 | tee "$OUT/tile_sweep2.log"
 timeout 220 python -m sasa bench --device cuda --mode layer,stem,model --skip-slow --profile 12 \
