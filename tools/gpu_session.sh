@@ -25,6 +25,9 @@ timeout 110 python tools/tile_sweep.py --out "$OUT/sweep1" --stages 1 \
     --configs 8x8x8x8,4x8x8x8,8x8x8x4,8x8x8x2,8x8x2x1,4x8x4x4,8x8x4x2,4x8x2x2 2>&1 | tee "$OUT/tile_sweep1.log"
 timeout 80 python tools/tile_sweep.py --out "$OUT/sweep2" --stages 2 \
     --configs 8x8x2x2,8x8x4x4,4x8x4x4,4x8x2x1,8x8x8x2,8x16x4x1 2>&1 | tee "$OUT/tile_sweep2.log"
-timeout 220 python -m sasa bench --device cuda --mode layer,stem,model --skip-slow --profile 12 \
+# the model and stem rows first (they matter most), the layer rows after; each writes its own JSON
+timeout 170 python -m sasa bench --device cuda --mode stem,model --profile 12 \
     --models resnet50,sasa_resnet50_convstem,sasa_resnet50_convstem@recompute_qkv=True,sasa_resnet50,sasa_resnet50@checkpoint_stem=True@recompute_qkv=True \
-    --out "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
+    --out "$OUT/bench_cuda_model.json" 2>&1 | tee "$OUT/bench_model.log"
+timeout 50 python -m sasa bench --device cuda --mode layer --skip-slow --out "$OUT/bench_cuda_layer.json" 2>&1 \
+    | tee "$OUT/bench_layer.log"
