@@ -7,8 +7,8 @@ The same reassociated maths as the PyTorch op there, per ``S x S`` block of the 
 ``out[q, h*D + o] = sum_{m,c} y_{m,c}[q] wv[h, m*C + c, o]``. A program holds ``NB`` whole blocks as
 ``(NB, LP, LP)`` register tiles (``LP`` = L rounded up to a power of two, padding keys masked), reads the image
 straight from its ``(B, C, H, W)`` strides (no blocked copy) and writes the output in NCHW: nothing of size
-``heads x L`` per pixel ever reaches memory. The loops over channels, mixtures and heads are unrolled at compile
-time (3 x 4 x 4 for the paper's stem).
+``heads x L`` per pixel ever reaches memory. The loops over the input channels are unrolled at compile time, those
+over heads and mixtures run at run time (unrolled, the backward took two minutes to compile and spilled).
 
 - ``_stem_fwd_kernel``: the output.
 - ``_stem_bwd_kernel``: recomputes the forward per block, writes the image gradient, and one partial per program
