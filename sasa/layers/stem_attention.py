@@ -166,9 +166,10 @@ def stem_block_attention(xb: torch.Tensor, g: torch.Tensor, pm: torch.Tensor | N
     return _StemAttention.apply(xb, g, pm, wv, shape)
 
 
-def use_triton(x: torch.Tensor, backend: str | None = None) -> bool:
+def use_triton(x: torch.Tensor, backend: str | None = None, block: int = 4) -> bool:
     """Whether the stem runs the Triton kernels: ``backend`` ("torch" / "triton") if given, else the
-    ``SASA_STEM_BACKEND`` environment variable if set, else Triton on CUDA (fp32 / bf16 / fp16 images). Under
+    ``SASA_STEM_BACKEND`` environment variable if set, else Triton on CUDA for fp32 / bf16 / fp16 images and blocks
+    of up to 16 pixels (the kernels hold a block's logits in registers: larger blocks would spill). Under
     ``torch.compile`` always the PyTorch form (the compiler fuses it)."""
     choice = backend if backend is not None else os.environ.get("SASA_STEM_BACKEND", "").strip().lower()
     if choice not in ("", "torch", "triton"):
@@ -178,7 +179,7 @@ def use_triton(x: torch.Tensor, backend: str | None = None) -> bool:
         return False
     if choice:
         return choice == "triton"
-    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or block * block > 16:
         return False
     try:
         import triton  # noqa: F401
