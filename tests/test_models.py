@@ -256,3 +256,21 @@ def test_model_compiles_as_one_graph():
                                    msg=lambda m, n=name: f"{n}: {m}")
     for (name, b), b_compiled in zip(eager.named_buffers(), model.buffers()):
         torch.testing.assert_close(b_compiled, b, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_saved_bytes_tool(tmp_path):
+    """``tools/saved_bytes.py`` (behind BENCHMARKS' memory figures): stem part and stages per model; with
+    ``checkpoint_stem`` the stem part is the image alone."""
+    import json
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "saved_bytes.py"
+    out = tmp_path / "saved.json"
+    subprocess.run([sys.executable, str(tool), "--models", "test_resnet,test_sasa_resnet@stem='attention',"
+                    "test_sasa_resnet@stem='attention'@checkpoint_stem=True", "--batch", "2", "--image-size", "32",
+                    "--dtype", "fp32", "--out", str(out)], check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"].split("@")[0] for r in rows] == ["test_resnet", "test_sasa_resnet", "test_sasa_resnet"]
+    assert all(r["stages_mb"] > 0 for r in rows)
+    assert rows[1]["stem_part_mb"] > rows[0]["stem_part_mb"]  # full-resolution BN / ReLU after the attention stem
+    assert rows[2]["stem_part_mb"] * 2**20 == 2 * 3 * 32 * 32 * 4  # the fp32 image only

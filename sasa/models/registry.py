@@ -56,7 +56,8 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> nn.Module:
         num_classes: classifier outputs.
         **overrides: any ``sasa.models.ResNet`` argument, e.g. ``kernel_size=7``, ``attention_stages=(3, 4)``,
             ``positional="absolute"``, ``query_key=False``, ``stem="attention"``, ``stem_values="plain"``,
-            ``width_multiplier=0.5``, ``heads=8``, ``in_chans=1``.
+            ``width_multiplier=0.5``, ``heads=8``, ``in_chans=1``; memory: ``recompute_qkv=True``,
+            ``checkpoint_stem=True``.
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
