@@ -317,6 +317,12 @@ def test_stem_backend_choice(monkeypatch):
     monkeypatch.setenv("SASA_STEM_BACKEND", "cuda")
     with pytest.raises(ValueError, match="stem backend"):
         use_triton(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="16 pixels"):  # forced on a shape the kernels do not take
+        use_triton(torch.zeros(1, 3, 10, 10), "triton", block=5)
+    with pytest.raises(ValueError, match="mixtures"):
+        use_triton(torch.zeros(1, 6, 4, 4), "triton", mixtures=4)
+    monkeypatch.delenv("SASA_STEM_BACKEND")
+    assert not use_triton(torch.zeros(1, 3, 10, 10, device="meta"), block=5)  # automatic: falls back
 
 
 def test_stem_kernels_compile_for_hopper(tmp_path):

@@ -101,17 +101,16 @@ def _registers(log: str) -> dict:
 
 def stem_resources(kind: str, warps: int, arch: int) -> dict:
     """The attention stem's kernels (``triton_stem_kernels.py``) at the paper's stem: 3 input channels, 4x4 blocks,
-    4 heads of 16 channels, 4 value mixtures; fp32 image, bf16 output / upstream gradient, 8 blocks per program.
-    ``instructions_per_unit`` is per pixel here (its loops run 4 times: heads, mixtures)."""
+    4 heads of 16 channels, 4 value mixtures; fp32 image, bf16 output / upstream gradient (TF32 dots, as under bf16
+    autocast). ``instructions_per_unit`` is per pixel here (its loop runs 4 times: heads)."""
     import torch
 
     from sasa.backends.triton_backend import kernels_for
 
     tk = kernels_for(torch.device("cuda"), "triton_stem_kernels")
     fn = {"stem_fwd": tk._stem_fwd_kernel, "stem_bwd": tk._stem_bwd_kernel}[kind]
-    consts = dict(S=4, LP=16, C=3, HEADS=4, M=4, D=16, BD=16, HAS_PM=True, NB=tk.BLOCKS_PER_PROGRAM)
-    if kind == "stem_bwd":
-        consts.update(CP=4, MP=4)
+    blocks = tk.FWD_BLOCKS if kind == "stem_fwd" else tk.BWD_BLOCKS
+    consts = dict(S=4, LP=16, C=3, HEADS=4, M=4, D=16, BD=16, HAS_PM=True, NB=blocks, KP=tk.KP, PREC="tf32")
     sig, attrs = {}, {}
     for idx, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in consts:

@@ -1,31 +1,37 @@
 """Triton kernels of the attention stem's block attention (``sasa/layers/stem_attention.py``), forward and backward.
 
 The same reassociated maths as the PyTorch op there, per ``S x S`` block of the *image* (``L = S*S`` pixels,
-``C`` input channels, ``HEADS`` heads of ``D`` output channels, ``M`` value mixtures): per head,
-``u = x G_h`` (C wide), logits ``u_q . x_k``, ``P = softmax_k``, attended mixed inputs
-``y_{m,c}[q] = sum_k P[q, k] pm[k, m] x_c[k]`` (``M = 1`` and ``pm = 1`` for plain values), and the output
-``out[q, h*D + o] = sum_{m,c} y_{m,c}[q] wv[h, m*C + c, o]``. A program holds ``NB`` whole blocks as
-``(NB, LP, LP)`` register tiles (``LP`` = L rounded up to a power of two, padding keys masked), reads the image
-straight from its ``(B, C, H, W)`` strides (no blocked copy) and writes the output in NCHW: nothing of size
-``heads x L`` per pixel ever reaches memory. The loops over the input channels are unrolled at compile time, those
-over heads and mixtures run at run time (unrolled, the backward took two minutes to compile and spilled).
+``C`` input channels, ``HEADS`` heads of ``D`` output channels, ``M`` value mixtures), as ``tl.dot`` products on
+operands zero-padded to 16 (tensor cores): per head, ``u = x G_h``, logits ``u x^T``, ``P = softmax`` over the
+keys, ``y = P xm`` with the attended inputs ``xm[k, m*C + c] = pm[k, m] x_c[k]`` (``M = 1``, ``pm = 1`` for plain
+values), output ``y W_h``. A program holds ``NB`` whole blocks as ``(NB, 16, 16)`` tiles (padding pixels and keys
+masked), reads the image straight from its ``(B, C, H, W)`` strides (no blocked copy) and writes the output in
+NCHW: nothing of size ``heads x L`` per pixel reaches memory. Needs ``C * M <= 16`` and blocks of up to 16 pixels
+(``stem_attention.triton_unsupported``).
 
 - ``_stem_fwd_kernel``: the output.
 - ``_stem_bwd_kernel``: recomputes the forward per block, writes the image gradient, and one partial per program
   of the gradients of ``g`` (``(C, HEADS*C)``), ``pm`` (``(L, M)``) and ``wv`` (``(HEADS, M*C, D)``), which the host
-  sums in a fixed order: no atomics, deterministic.
+  sums in a fixed order: no atomics, deterministic. The attended inputs' gradient folds back onto channels and
+  mixtures through 0/1 matrices (a dot).
 
-All arithmetic in fp32. Plain Triton, loaded lazily by ``triton_backend`` (compiled for CUDA tensors, interpreted
-for CPU tensors in the tests). Status: correct against the PyTorch op in the interpreter (tests); compiled offline
-for sm_90a; not yet run on a GPU (``tools/gpu_check.py`` checks it there).
+Precision: softmax and accumulation in fp32; the dots' inputs in IEEE fp32 when the result is fp32, TF32 when it is
+bf16 / fp16 (autocast). An earlier version with explicit loops instead of dots laid the 16 keys across 16 lanes
+(shuffle trees everywhere): 3.6x (forward) and 4.5x (backward) more instructions per pixel offline.
+
+Plain Triton, loaded lazily by ``triton_backend`` (compiled for CUDA tensors, interpreted for CPU tensors in the
+tests). Status: correct against the textbook stem in the interpreter (tests); compiled offline for sm_90a; not yet
+run on a GPU (``tools/gpu_check.py`` checks it there).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCKS_PER_PROGRAM = 8
+FWD_BLOCKS = 8  # blocks per program: forward / backward (the backward's tiles at 8 spilled, offline)
+BWD_BLOCKS = 4
 NUM_WARPS = 4
+KP = 16  # padded width of the dots' channel operands (input channels; mixtures x input channels)
 
 
 @triton.jit
@@ -41,63 +47,41 @@ def _pixels(X, s_b, s_c, s_h, s_w, NBLK, HB, WB, S: tl.constexpr, NB: tl.constex
 
 
 @triton.jit
-def _x(X, pix, ok, s_c, c):
-    return tl.load(X + pix + c * s_c, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _u(X, pix, ok, s_c, G, h, c, C: tl.constexpr, HEADS: tl.constexpr):
-    """``(NB, LP)``: channel c of ``u = x G_h`` (``G`` is ``(C, HEADS * C)``, column block h)."""
-    u = _x(X, pix, ok, s_c, 0) * tl.load(G + h * C + c).to(tl.float32)
-    for c2 in tl.static_range(1, C):
-        u += _x(X, pix, ok, s_c, c2) * tl.load(G + c2 * HEADS * C + h * C + c).to(tl.float32)
-    return u
-
-
-@triton.jit
-def _probs(X, pix, ok, s_c, G, h, key_ok, C: tl.constexpr, HEADS: tl.constexpr, NB: tl.constexpr,
-           LP: tl.constexpr):
-    """``(NB, LP, LP)`` softmax over the keys (last axis) of head h's logits ``u_q . x_k``; padding keys get 0."""
-    logits = tl.zeros([NB, LP, LP], tl.float32)
-    for c in tl.static_range(C):
-        logits += _u(X, pix, ok, s_c, G, h, c, C, HEADS)[:, :, None] * _x(X, pix, ok, s_c, c)[:, None, :]
-    logits = tl.where(key_ok, logits, float("-inf"))
-    p = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-    return p / tl.sum(p, axis=2)[:, :, None]
-
-
-@triton.jit
-def _mixture(PM, kk, m, L: tl.constexpr, M: tl.constexpr, HAS_PM: tl.constexpr):
-    """``(LP,)``: p(k, m) over the key positions, ones for plain values."""
-    if HAS_PM:
-        return tl.load(PM + kk * M + m, mask=kk < L, other=0.0).to(tl.float32)
-    return tl.where(kk < L, 1.0, 0.0)
-
-
-@triton.jit
 def _stem_fwd_kernel(
     X, G, PM, WV, OUT,
     sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
     NBLK, HB, WB,
     S: tl.constexpr, LP: tl.constexpr, C: tl.constexpr, HEADS: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    BD: tl.constexpr, HAS_PM: tl.constexpr, NB: tl.constexpr,
+    BD: tl.constexpr, HAS_PM: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr,
 ):
     L: tl.constexpr = S * S
     J: tl.constexpr = M * C
     pix, ok, _n = _pixels(X, sx_b, sx_c, sx_h, sx_w, NBLK, HB, WB, S, NB, LP)
     opix, _ok, _n = _pixels(OUT, so_b, so_c, so_h, so_w, NBLK, HB, WB, S, NB, LP)
+    j = tl.arange(0, KP)
     kk = tl.arange(0, LP)
-    key_ok = (kk < L)[None, None, :]
     o = tl.arange(0, BD)
+    x3 = tl.load(X + pix[:, :, None] + (j * sx_c)[None, None, :], mask=ok[:, :, None] & (j < C)[None, None, :],
+                 other=0.0).to(tl.float32)  # (NB, LP, KP): channels in [0, C)
+    xm = tl.load(X + pix[:, :, None] + ((j % C) * sx_c)[None, None, :], mask=ok[:, :, None] & (j < J)[None, None, :],
+                 other=0.0).to(tl.float32)  # (NB, LP, KP): x_{j % C}, j < M*C
+    if HAS_PM:
+        pmt = tl.load(PM + kk[:, None] * M + (j // C)[None, :], mask=(kk < L)[:, None] & (j < J)[None, :], other=0.0)
+        xm = xm * pmt.to(tl.float32)[None, :, :]
+    xt = tl.trans(x3, (0, 2, 1))  # (NB, KP, LP)
+    gmask = (j < C)[:, None] & (j < C)[None, :]
+    wmask = (j < J)[:, None] & (o < D)[None, :]
     for h in range(HEADS):
-        p = _probs(X, pix, ok, sx_c, G, h, key_ok, C, HEADS, NB, LP)  # (NB, LP queries, LP keys)
-        out = tl.zeros([NB, LP, BD], tl.float32)
-        for m in range(M):
-            w = p * _mixture(PM, kk, m, L, M, HAS_PM)[None, None, :]
-            for c in tl.static_range(C):
-                y = tl.sum(w * _x(X, pix, ok, sx_c, c)[:, None, :], axis=2)  # (NB, LP): y_{m,c}
-                wrow = tl.load(WV + (h * J + m * C + c) * D + o, mask=o < D, other=0.0).to(tl.float32)
-                out += y[:, :, None] * wrow[None, None, :]
+        gh = tl.load(G + j[:, None] * HEADS * C + h * C + j[None, :], mask=gmask, other=0.0).to(tl.float32)
+        u = tl.dot(x3, tl.broadcast_to(gh[None, :, :], (NB, KP, KP)), input_precision=PREC)  # (NB, LP, KP)
+        logits = tl.dot(u, xt, input_precision=PREC)  # (NB, LP, LP)
+        logits = tl.where((kk < L)[None, None, :], logits, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
+        p = p / tl.sum(p, axis=2)[:, :, None]
+        y = tl.dot(p, xm, input_precision=PREC)  # (NB, LP, KP): y_j, j = m*C + c
+        wvh = tl.load(WV + (h * J + j[:, None]) * D + o[None, :], mask=wmask, other=0.0).to(tl.float32)
+        out = tl.dot(tl.reshape(y, (NB * LP, KP)), wvh, input_precision=PREC)  # (NB*LP, BD)
+        out = tl.reshape(out, (NB, LP, BD))
         tl.store(OUT + opix[:, :, None] + ((h * D + o) * so_c)[None, None, :], out,
                  mask=ok[:, :, None] & (o < D)[None, None, :])
 
@@ -107,76 +91,84 @@ def _stem_bwd_kernel(
     X, G, PM, WV, DO, DX, DG, DPM, DWV,
     sx_b, sx_c, sx_h, sx_w, sd_b, sd_c, sd_h, sd_w, sdx_b, sdx_c, sdx_h, sdx_w,
     NBLK, HB, WB,
-    S: tl.constexpr, LP: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, HEADS: tl.constexpr, M: tl.constexpr,
-    MP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, HAS_PM: tl.constexpr, NB: tl.constexpr,
+    S: tl.constexpr, LP: tl.constexpr, C: tl.constexpr, HEADS: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, HAS_PM: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr,
 ):
     L: tl.constexpr = S * S
     J: tl.constexpr = M * C
     pid = tl.program_id(0)
     pix, ok, _n = _pixels(X, sx_b, sx_c, sx_h, sx_w, NBLK, HB, WB, S, NB, LP)
     dpix, _ok, _n = _pixels(DO, sd_b, sd_c, sd_h, sd_w, NBLK, HB, WB, S, NB, LP)
+    j = tl.arange(0, KP)
     kk = tl.arange(0, LP)
-    key_ok = (kk < L)[None, None, :]
     o = tl.arange(0, BD)
-    cc = tl.arange(0, CP)
-    mm = tl.arange(0, MP)
-    dx = tl.zeros([NB, LP, CP], tl.float32)  # image gradient, channel c in column c
-    dpm = tl.zeros([LP, MP], tl.float32)
+    x3 = tl.load(X + pix[:, :, None] + (j * sx_c)[None, None, :], mask=ok[:, :, None] & (j < C)[None, None, :],
+                 other=0.0).to(tl.float32)
+    xr = tl.load(X + pix[:, :, None] + ((j % C) * sx_c)[None, None, :], mask=ok[:, :, None] & (j < J)[None, None, :],
+                 other=0.0).to(tl.float32)
+    pmt = tl.where((kk < L)[:, None] & (j < J)[None, :], 1.0, 0.0)  # (LP, KP): p(k, j // C)
+    if HAS_PM:
+        pmt = tl.load(PM + kk[:, None] * M + (j // C)[None, :], mask=(kk < L)[:, None] & (j < J)[None, :],
+                      other=0.0).to(tl.float32)
+    xm = xr * pmt[None, :, :]
+    xt = tl.trans(x3, (0, 2, 1))
+    gmask = (j < C)[:, None] & (j < C)[None, :]
+    wmask = (j < J)[:, None] & (o < D)[None, :]
+    dx = tl.zeros([NB, LP, KP], tl.float32)
+    dxm = tl.zeros([NB, LP, KP], tl.float32)
     for h in range(HEADS):
-        p = _probs(X, pix, ok, sx_c, G, h, key_ok, C, HEADS, NB, LP)
+        gh = tl.load(G + j[:, None] * HEADS * C + h * C + j[None, :], mask=gmask, other=0.0).to(tl.float32)
+        u = tl.dot(x3, tl.broadcast_to(gh[None, :, :], (NB, KP, KP)), input_precision=PREC)  # (NB, LP, KP)
+        logits = tl.where((kk < L)[None, None, :], tl.dot(u, xt, input_precision=PREC), float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
+        p = p / tl.sum(p, axis=2)[:, :, None]  # (NB, LP queries, LP keys)
         do = tl.load(DO + dpix[:, :, None] + ((h * D + o) * sd_c)[None, None, :],
                      mask=ok[:, :, None] & (o < D)[None, None, :], other=0.0).to(tl.float32)  # (NB, LP, BD)
-        dp = tl.zeros([NB, LP, LP], tl.float32)
-        for m in range(M):
-            pmk = _mixture(PM, kk, m, L, M, HAS_PM)
-            w = p * pmk[None, None, :]
-            for c in tl.static_range(C):
-                xc = _x(X, pix, ok, sx_c, c)
-                y = tl.sum(w * xc[:, None, :], axis=2)  # (NB, LP queries)
-                jrow = (h * J + m * C + c) * D
-                tl.store(DWV + pid * HEADS * J * D + jrow + o, tl.sum(tl.sum(y[:, :, None] * do, axis=0), axis=0),
-                         mask=o < D)
-                wrow = tl.load(WV + jrow + o, mask=o < D, other=0.0).to(tl.float32)
-                dy = tl.sum(do * wrow[None, None, :], axis=2)  # (NB, LP queries)
-                dp += dy[:, :, None] * (pmk[None, :] * xc)[:, None, :]
-                a = tl.sum(w * dy[:, :, None], axis=1)  # (NB, LP keys): sum_q P pm dy
-                dx += tl.where(cc[None, None, :] == c, a[:, :, None], 0.0)
-                if HAS_PM:
-                    pa = tl.sum(p * dy[:, :, None], axis=1)  # (NB, LP keys)
-                    dpm += tl.where(mm[None, :] == m, tl.sum(xc * pa, axis=0)[:, None], 0.0)
+        do2 = tl.reshape(do, (NB * LP, BD))
+        y2 = tl.reshape(tl.dot(p, xm, input_precision=PREC), (NB * LP, KP))
+        tl.store(DWV + (pid * HEADS * J + h * J + j[:, None]) * D + o[None, :],
+                 tl.dot(tl.trans(y2), do2, input_precision=PREC), mask=wmask)  # sum over pixels of y^T dout
+        wvh = tl.load(WV + (h * J + j[:, None]) * D + o[None, :], mask=wmask, other=0.0).to(tl.float32)
+        dy = tl.reshape(tl.dot(do2, tl.trans(wvh), input_precision=PREC), (NB, LP, KP))
+        dxm += tl.dot(tl.trans(p, (0, 2, 1)), dy, input_precision=PREC)  # (NB, LP keys, KP)
+        dp = tl.dot(dy, tl.trans(xm, (0, 2, 1)), input_precision=PREC)  # (NB, LP, LP)
         ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None])  # d logits
-        for c in tl.static_range(C):
-            xc = _x(X, pix, ok, sx_c, c)
-            du = tl.sum(ds * xc[:, None, :], axis=2)  # (NB, LP queries)
-            key = tl.sum(ds * _u(X, pix, ok, sx_c, G, h, c, C, HEADS)[:, :, None], axis=1)  # (NB, LP keys)
-            dx += tl.where(cc[None, None, :] == c, key[:, :, None], 0.0)
-            for c2 in tl.static_range(C):
-                gij = tl.load(G + c2 * HEADS * C + h * C + c).to(tl.float32)
-                dx += tl.where(cc[None, None, :] == c2, (du * gij)[:, :, None], 0.0)
-                tl.store(DG + (pid * C + c2) * HEADS * C + h * C + c,
-                         tl.sum(tl.sum(_x(X, pix, ok, sx_c, c2) * du, axis=1), axis=0))
+        du = tl.dot(ds, x3, input_precision=PREC)  # (NB, LP queries, KP)
+        dx += tl.dot(tl.trans(ds, (0, 2, 1)), u, input_precision=PREC)  # key side
+        dx += tl.dot(du, tl.broadcast_to(tl.trans(gh)[None, :, :], (NB, KP, KP)), input_precision=PREC)  # query side
+        dgh = tl.dot(tl.trans(tl.reshape(x3, (NB * LP, KP))), tl.reshape(du, (NB * LP, KP)), input_precision=PREC)
+        tl.store(DG + (pid * C + j[:, None]) * HEADS * C + h * C + j[None, :], dgh, mask=gmask)
+    # values' inputs x_{j % C} * p(k, j // C): fold the J columns back onto channels and mixtures (0/1 matrices)
+    fold_c = tl.where(((j[:, None] % C) == j[None, :]) & (j < J)[:, None], 1.0, 0.0)  # (KP j, KP c)
+    dx += tl.dot(dxm * pmt[None, :, :], tl.broadcast_to(fold_c[None, :, :], (NB, KP, KP)), input_precision="ieee")
     dxpix, _ok, _n = _pixels(DX, sdx_b, sdx_c, sdx_h, sdx_w, NBLK, HB, WB, S, NB, LP)
-    tl.store(DX + dxpix[:, :, None] + (cc * sdx_c)[None, None, :], dx, mask=ok[:, :, None] & (cc < C)[None, None, :])
+    tl.store(DX + dxpix[:, :, None] + (j * sdx_c)[None, None, :], dx, mask=ok[:, :, None] & (j < C)[None, None, :])
     if HAS_PM:
-        tl.store(DPM + pid * L * M + kk[:, None] * M + mm[None, :], dpm, mask=(kk < L)[:, None] & (mm < M)[None, :])
+        t = tl.sum(xr * dxm, axis=0)  # (LP, KP): summed over the blocks
+        fold_m = tl.where(((j[:, None] // C) == j[None, :]) & (j < J)[:, None], 1.0, 0.0)  # (KP j, KP m)
+        tl.store(DPM + pid * L * M + kk[:, None] * M + j[None, :], tl.dot(t, fold_m, input_precision="ieee"),
+                 mask=(kk < L)[:, None] & (j < M)[None, :])
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _config(x, g, pm, wv, block: int) -> dict:
-    B, C, H, W = x.shape
-    heads, J, D = wv.shape
-    M = pm.shape[1] if pm is not None else 1
-    return dict(S=block, LP=_next_pow2(block * block), C=C, HEADS=heads, M=M, D=D, BD=_next_pow2(D),
-                HAS_PM=pm is not None, NB=BLOCKS_PER_PROGRAM)
+def _config(x, pm, wv, block: int, blocks_per_program: int, precision: str) -> dict:
+    heads, _, D = wv.shape
+    return dict(S=block, LP=16, C=x.shape[1], HEADS=heads, M=pm.shape[1] if pm is not None else 1, D=D,
+                BD=max(16, _next_pow2(D)), HAS_PM=pm is not None, NB=blocks_per_program, KP=KP, PREC=precision)
 
 
-def _grid(x, block: int) -> tuple[int, int, int, int]:
+def _grid(x, block: int, blocks_per_program: int) -> tuple[int, int, int, int]:
     B, _, H, W = x.shape
     n_blocks = B * (H // block) * (W // block)
-    return n_blocks, H // block, W // block, triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM)
+    return n_blocks, H // block, W // block, triton.cdiv(n_blocks, blocks_per_program)
+
+
+def precision(out_dtype: torch.dtype) -> str:
+    """The dots' input precision: IEEE fp32 for fp32 results, TF32 (10-bit mantissa) for bf16 / fp16 ones."""
+    return "ieee" if out_dtype == torch.float32 else "tf32"
 
 
 def forward(x, g, pm, wv, block: int, out_dtype: torch.dtype) -> torch.Tensor:
@@ -185,27 +177,28 @@ def forward(x, g, pm, wv, block: int, out_dtype: torch.dtype) -> torch.Tensor:
     B, C, H, W = x.shape
     heads, _, D = wv.shape
     out = torch.empty((B, heads * D, H, W), dtype=out_dtype, device=x.device)
-    n_blocks, hb, wb, programs = _grid(x, block)
+    n_blocks, hb, wb, programs = _grid(x, block, FWD_BLOCKS)
     if n_blocks:
         _stem_fwd_kernel[(programs,)](x, g, pm if pm is not None else g, wv, out, *x.stride(), *out.stride(),
-                                      n_blocks, hb, wb, **_config(x, g, pm, wv, block), num_warps=NUM_WARPS)
+                                      n_blocks, hb, wb, **_config(x, pm, wv, block, FWD_BLOCKS, precision(out_dtype)),
+                                      num_warps=NUM_WARPS)
     return out
 
 
-def backward(dout, x, g, pm, wv, block: int):
+def backward(dout, x, g, pm, wv, block: int, out_dtype: torch.dtype):
     """``(dx, dg, dpm, dwv)`` in the dtypes of ``x, g, pm, wv``; dpm is None without ``pm``. Parameter gradients are
-    the fixed-order sum of one fp32 partial per program."""
+    the fixed-order sum of one fp32 partial per program. ``out_dtype``: the forward's (it sets the precision)."""
     B, C, H, W = x.shape
     heads, J, D = wv.shape
-    cfg = _config(x, g, pm, wv, block)
-    n_blocks, hb, wb, programs = _grid(x, block)
+    cfg = _config(x, pm, wv, block, BWD_BLOCKS, precision(out_dtype))
+    n_blocks, hb, wb, programs = _grid(x, block, BWD_BLOCKS)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dg = torch.zeros((max(programs, 1), C, heads * C), dtype=torch.float32, device=x.device)
     dpm = torch.zeros((max(programs, 1), block * block, cfg["M"]), dtype=torch.float32, device=x.device)
     dwv = torch.zeros((max(programs, 1), heads, J, D), dtype=torch.float32, device=x.device)
     if n_blocks:
         _stem_bwd_kernel[(programs,)](x, g, pm if pm is not None else g, wv, dout, dx, dg, dpm, dwv,
-                                      *x.stride(), *dout.stride(), *dx.stride(), n_blocks, hb, wb,
-                                      CP=_next_pow2(C), MP=_next_pow2(cfg["M"]), **cfg, num_warps=NUM_WARPS)
+                                      *x.stride(), *dout.stride(), *dx.stride(), n_blocks, hb, wb, **cfg,
+                                      num_warps=NUM_WARPS)
     return (dx, dg.sum(0).to(g.dtype), dpm.sum(0).to(pm.dtype) if pm is not None else None,
             dwv.sum(0).to(wv.dtype))

@@ -141,7 +141,7 @@ class AttentionStem(nn.Module):
         else:
             pm = None
             wv = self.value.weight.view(heads, d, C).transpose(1, 2)  # (heads, C_in, d)
-        if use_triton(x, self.backend, s):
+        if use_triton(x, self.backend, s, self.mixtures if pm is not None else 1):
             return stem_triton(x, g, pm, wv.reshape(heads, -1, d), block=s)
         xb = self._blocks(x).flatten(0, 2)  # (B*Hb*Wb, s*s, C_in)
         return stem_block_attention(xb, g, pm, wv.reshape(heads, -1, d), shape=(B, H // s, W // s, s))

@@ -166,20 +166,34 @@ def stem_block_attention(xb: torch.Tensor, g: torch.Tensor, pm: torch.Tensor | N
     return _StemAttention.apply(xb, g, pm, wv, shape)
 
 
-def use_triton(x: torch.Tensor, backend: str | None = None, block: int = 4) -> bool:
+def triton_unsupported(in_channels: int, mixtures: int, block: int) -> str | None:
+    """Why the stem's Triton kernels cannot run a stem, or None: the input channels and the attended inputs
+    (``mixtures x in_channels``) must fit their 16-wide padded dot operands, and a block 16 pixels."""
+    if in_channels * mixtures > 16:
+        return f"in_channels x mixtures must be <= 16, got {in_channels} x {mixtures}"
+    if block * block > 16:
+        return f"blocks of at most 16 pixels, got {block}x{block}"
+    return None
+
+
+def use_triton(x: torch.Tensor, backend: str | None = None, block: int = 4, mixtures: int = 1) -> bool:
     """Whether the stem runs the Triton kernels: ``backend`` ("torch" / "triton") if given, else the
-    ``SASA_STEM_BACKEND`` environment variable if set, else Triton on CUDA for fp32 / bf16 / fp16 images and blocks
-    of up to 16 pixels (the kernels hold a block's logits in registers: larger blocks would spill). Under
-    ``torch.compile`` always the PyTorch form (the compiler fuses it)."""
+    ``SASA_STEM_BACKEND`` environment variable if set, else Triton on CUDA for fp32 / bf16 / fp16 images whose
+    shape the kernels take (``triton_unsupported``: blocks of up to 16 pixels, channels x mixtures up to
+    16). Under ``torch.compile`` always the PyTorch form (the compiler fuses it). Forcing Triton on a shape it does
+    not take raises."""
     choice = backend if backend is not None else os.environ.get("SASA_STEM_BACKEND", "").strip().lower()
     if choice not in ("", "torch", "triton"):
         raise ValueError(f"the stem backend must be 'torch' or 'triton' (argument or SASA_STEM_BACKEND), "
                          f"got {choice!r}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or choice == "torch":
         return False
-    if choice:
-        return choice == "triton"
-    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or block * block > 16:
+    reason = triton_unsupported(x.shape[1], mixtures, block)
+    if choice == "triton":
+        if reason:
+            raise ValueError(f"the stem's Triton kernels cannot run this stem: {reason}")
+        return True
+    if reason or not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     try:
         import triton  # noqa: F401
@@ -198,7 +212,7 @@ class _StemAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, pm, wv, block: int, out_dtype: torch.dtype):
         ctx.save_for_backward(x, g, pm, wv)
-        ctx.block = block
+        ctx.block, ctx.out_dtype = block, out_dtype
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             return _stem_kernels(x.device).forward(x, g, pm, wv, block, out_dtype)
 
@@ -206,7 +220,7 @@ class _StemAttentionTriton(torch.autograd.Function):
     def backward(ctx, dout):
         x, g, pm, wv = ctx.saved_tensors
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            dx, dg, dpm, dwv = _stem_kernels(x.device).backward(dout, x, g, pm, wv, ctx.block)
+            dx, dg, dpm, dwv = _stem_kernels(x.device).backward(dout, x, g, pm, wv, ctx.block, ctx.out_dtype)
         return dx if ctx.needs_input_grad[0] else None, dg, dpm, dwv, None, None
 
 
