@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/nvid
 (command -v ncu nsys || echo "no ncu / nsys on PATH") >"$OUT/profilers.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
 
-timeout 150 python tools/gpu_check.py --out "$OUT" --skip-timing 2>&1 | tee "$OUT/gpu_check.log"
+timeout 140 python tools/gpu_check.py --out "$OUT" --skip-timing 2>&1 | tee "$OUT/gpu_check.log"
 # candidates (TH x TW x warps x HB) from tools/kernel_resources.py (no spills, >= 16 resident warps per SM), plus
 # the heads-per-program steps of the measured 8x8 / 8-warp configuration; the current TILES are the baseline row
 mkdir -p "$OUT/sweep1" "$OUT/sweep2"
@@ -33,8 +33,9 @@ if command -v ncu >/dev/null 2>&1; then
         python tools/profile_kernel.py --stage 1 --kind fwd >"$OUT/ncu_stage1_fwd.txt" 2>&1
 fi
 # the model and stem rows first (they matter most), the layer rows after; each writes its own JSON
-timeout 170 python -m sasa bench --device cuda --mode stem,model --profile 12 \
-    --models resnet50,sasa_resnet50_convstem,sasa_resnet50_convstem@recompute_qkv=True,sasa_resnet50,sasa_resnet50@checkpoint_stem=True@recompute_qkv=True \
+timeout 185 python -m sasa bench --device cuda --mode stem,model --profile 12 --models resnet50,sasa_resnet50_convstem,\
+sasa_resnet50,sasa_resnet50@stem_backend=torch,sasa_resnet50@checkpoint_stem=True@recompute_qkv=True,\
+sasa_resnet50_convstem@recompute_qkv=True \
     --out "$OUT/bench_cuda_model.json" 2>&1 | tee "$OUT/bench_model.log"
-timeout 50 python -m sasa bench --device cuda --mode layer --skip-slow --out "$OUT/bench_cuda_layer.json" 2>&1 \
+timeout 45 python -m sasa bench --device cuda --mode layer --skip-slow --out "$OUT/bench_cuda_layer.json" 2>&1 \
     | tee "$OUT/bench_layer.log"

@@ -85,6 +85,7 @@ class ResNet(nn.Module):
             runs the children itself.
         stem_values: values of the attention stem, ``"spatial"``, ``"plain"`` or ``"conv"``.
         stem_mixtures: m, the number of value matrices of the spatially-aware stem.
+        stem_backend: ``AttentionStem``'s ``backend`` ("torch" / "triton"; None: Triton on CUDA).
         width_multiplier: scales every width.
         zero_init_residual: zero-init each block's last BN gamma (torchvision's option).
         norm_layer: normalisation constructor, ``nn.BatchNorm2d`` by default.
@@ -95,7 +96,8 @@ class ResNet(nn.Module):
                  attention_stages: Sequence[int] = (), kernel_size: int = 7, heads: int = 8, padding: str = "zeros",
                  positional: str = "relative", query_key: bool = True, rel_per_head: bool = False,
                  scale: float = 1.0, backend: str | None = None, recompute_qkv: bool = False, stem: str = "conv",
-                 stem_values: str = "spatial", stem_mixtures: int = 4, checkpoint_stem: bool = False,
+                 stem_values: str = "spatial", stem_mixtures: int = 4, stem_backend: str | None = None,
+                 checkpoint_stem: bool = False,
                  width_multiplier: float = 1.0,
                  zero_init_residual: bool = False,
                  norm_layer: Callable[[int], nn.Module] | None = None, drop_rate: float = 0.0) -> None:
@@ -122,7 +124,8 @@ class ResNet(nn.Module):
         if stem == "conv":
             conv1, maxpool = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, 2, 1)
         elif stem == "attention":
-            conv1 = AttentionStem(in_chans, stem_width, values=stem_values, mixtures=stem_mixtures)
+            conv1 = AttentionStem(in_chans, stem_width, values=stem_values, mixtures=stem_mixtures,
+                                  backend=stem_backend)
             maxpool = nn.MaxPool2d(4, stride=4)
         else:
             conv1, maxpool = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False), nn.Identity()
