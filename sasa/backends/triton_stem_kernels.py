@@ -35,15 +35,15 @@ KP = 16  # padded width of the dots' channel operands (input channels; mixtures 
 
 
 @triton.jit
-def _pixels(X, s_b, s_c, s_h, s_w, NBLK, HB, WB, S: tl.constexpr, NB: tl.constexpr, LP: tl.constexpr):
-    """``(NB, LP)`` pixel offsets (channel 0) of this program's blocks, their validity, and the blocks' indices."""
+def _pixels(s_b, s_h, s_w, NBLK, HB, WB, S: tl.constexpr, NB: tl.constexpr, LP: tl.constexpr):
+    """``(NB, LP)`` element offsets (channel 0) of the pixels of this program's blocks, and their validity."""
     n = tl.program_id(0) * NB + tl.arange(0, NB)  # block index over (batch, block row, block column)
     q = tl.arange(0, LP)
     b = n // (HB * WB)
     i = ((n // WB) % HB)[:, None] * S + (q // S)[None, :]
     j = (n % WB)[:, None] * S + (q % S)[None, :]
     ok = (n < NBLK)[:, None] & (q < S * S)[None, :]
-    return b.to(tl.int64)[:, None] * s_b + i * s_h + j * s_w, ok, n
+    return b.to(tl.int64)[:, None] * s_b + i * s_h + j * s_w, ok
 
 
 @triton.jit
@@ -56,8 +56,8 @@ def _stem_fwd_kernel(
 ):
     L: tl.constexpr = S * S
     J: tl.constexpr = M * C
-    pix, ok, _n = _pixels(X, sx_b, sx_c, sx_h, sx_w, NBLK, HB, WB, S, NB, LP)
-    opix, _ok, _n = _pixels(OUT, so_b, so_c, so_h, so_w, NBLK, HB, WB, S, NB, LP)
+    pix, ok = _pixels(sx_b, sx_h, sx_w, NBLK, HB, WB, S, NB, LP)
+    opix, _ok = _pixels(so_b, so_h, so_w, NBLK, HB, WB, S, NB, LP)
     j = tl.arange(0, KP)
     kk = tl.arange(0, LP)
     o = tl.arange(0, BD)
@@ -97,8 +97,8 @@ def _stem_bwd_kernel(
     L: tl.constexpr = S * S
     J: tl.constexpr = M * C
     pid = tl.program_id(0)
-    pix, ok, _n = _pixels(X, sx_b, sx_c, sx_h, sx_w, NBLK, HB, WB, S, NB, LP)
-    dpix, _ok, _n = _pixels(DO, sd_b, sd_c, sd_h, sd_w, NBLK, HB, WB, S, NB, LP)
+    pix, ok = _pixels(sx_b, sx_h, sx_w, NBLK, HB, WB, S, NB, LP)
+    dpix, _ok = _pixels(sd_b, sd_h, sd_w, NBLK, HB, WB, S, NB, LP)
     j = tl.arange(0, KP)
     kk = tl.arange(0, LP)
     o = tl.arange(0, BD)
@@ -141,7 +141,7 @@ def _stem_bwd_kernel(
     # values' inputs x_{j % C} * p(k, j // C): fold the J columns back onto channels and mixtures (0/1 matrices)
     fold_c = tl.where(((j[:, None] % C) == j[None, :]) & (j < J)[:, None], 1.0, 0.0)  # (KP j, KP c)
     dx += tl.dot(dxm * pmt[None, :, :], tl.broadcast_to(fold_c[None, :, :], (NB, KP, KP)), input_precision="ieee")
-    dxpix, _ok, _n = _pixels(DX, sdx_b, sdx_c, sdx_h, sdx_w, NBLK, HB, WB, S, NB, LP)
+    dxpix, _ok = _pixels(sdx_b, sdx_h, sdx_w, NBLK, HB, WB, S, NB, LP)
     tl.store(DX + dxpix[:, :, None] + (j * sdx_c)[None, None, :], dx, mask=ok[:, :, None] & (j < C)[None, None, :])
     if HAS_PM:
         t = tl.sum(xr * dxm, axis=0)  # (LP, KP): summed over the blocks
