@@ -47,6 +47,37 @@ def _pixels(s_b, s_h, s_w, NBLK, HB, WB, S: tl.constexpr, NB: tl.constexpr, LP: 
 
 
 @triton.jit
+def _block_inputs(X, PM, pix, ok, s_c, j, kk, C: tl.constexpr, M: tl.constexpr, L: tl.constexpr,
+                  HAS_PM: tl.constexpr):
+    """``(x3, xr, pmt)``: the image channels ``(NB, LP, KP)`` (c < C), the attended inputs' channels x_{j % C}
+    ``(NB, LP, KP)`` (j < M*C), and p(k, j // C) ``(LP, KP)`` (ones for plain values)."""
+    J: tl.constexpr = M * C
+    x3 = tl.load(X + pix[:, :, None] + (j * s_c)[None, None, :], mask=ok[:, :, None] & (j < C)[None, None, :],
+                 other=0.0).to(tl.float32)
+    xr = tl.load(X + pix[:, :, None] + ((j % C) * s_c)[None, None, :], mask=ok[:, :, None] & (j < J)[None, None, :],
+                 other=0.0).to(tl.float32)
+    pmt = tl.where((kk < L)[:, None] & (j < J)[None, :], 1.0, 0.0)
+    if HAS_PM:
+        pmt = tl.load(PM + kk[:, None] * M + (j // C)[None, :], mask=(kk < L)[:, None] & (j < J)[None, :],
+                      other=0.0).to(tl.float32)
+    return x3, xr, pmt
+
+
+@triton.jit
+def _head_probs(G, h, x3, j, kk, C: tl.constexpr, HEADS: tl.constexpr, L: tl.constexpr, NB: tl.constexpr,
+                KP: tl.constexpr, PREC: tl.constexpr):
+    """``(gh, u, p)`` of head h: G_h ``(KP, KP)``, u = x G_h ``(NB, LP, KP)``, P = softmax over the keys of
+    ``u x^T`` ``(NB, LP queries, LP keys)``, padding keys 0."""
+    gh = tl.load(G + j[:, None] * HEADS * C + h * C + j[None, :], mask=(j < C)[:, None] & (j < C)[None, :],
+                 other=0.0).to(tl.float32)
+    u = tl.dot(x3, tl.broadcast_to(gh[None, :, :], (NB, KP, KP)), input_precision=PREC)
+    logits = tl.dot(u, tl.trans(x3, (0, 2, 1)), input_precision=PREC)
+    logits = tl.where((kk < L)[None, None, :], logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
+    return gh, u, p / tl.sum(p, axis=2)[:, :, None]
+
+
+@triton.jit
 def _stem_fwd_kernel(
     X, G, PM, WV, OUT,
     sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
@@ -61,23 +92,11 @@ def _stem_fwd_kernel(
     j = tl.arange(0, KP)
     kk = tl.arange(0, LP)
     o = tl.arange(0, BD)
-    x3 = tl.load(X + pix[:, :, None] + (j * sx_c)[None, None, :], mask=ok[:, :, None] & (j < C)[None, None, :],
-                 other=0.0).to(tl.float32)  # (NB, LP, KP): channels in [0, C)
-    xm = tl.load(X + pix[:, :, None] + ((j % C) * sx_c)[None, None, :], mask=ok[:, :, None] & (j < J)[None, None, :],
-                 other=0.0).to(tl.float32)  # (NB, LP, KP): x_{j % C}, j < M*C
-    if HAS_PM:
-        pmt = tl.load(PM + kk[:, None] * M + (j // C)[None, :], mask=(kk < L)[:, None] & (j < J)[None, :], other=0.0)
-        xm = xm * pmt.to(tl.float32)[None, :, :]
-    xt = tl.trans(x3, (0, 2, 1))  # (NB, KP, LP)
-    gmask = (j < C)[:, None] & (j < C)[None, :]
+    x3, xm, pmt = _block_inputs(X, PM, pix, ok, sx_c, j, kk, C, M, L, HAS_PM)
+    xm = xm * pmt[None, :, :]  # (NB, LP, KP): p(k, j // C) x_{j % C}[k]
     wmask = (j < J)[:, None] & (o < D)[None, :]
     for h in range(HEADS):
-        gh = tl.load(G + j[:, None] * HEADS * C + h * C + j[None, :], mask=gmask, other=0.0).to(tl.float32)
-        u = tl.dot(x3, tl.broadcast_to(gh[None, :, :], (NB, KP, KP)), input_precision=PREC)  # (NB, LP, KP)
-        logits = tl.dot(u, xt, input_precision=PREC)  # (NB, LP, LP)
-        logits = tl.where((kk < L)[None, None, :], logits, float("-inf"))
-        p = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-        p = p / tl.sum(p, axis=2)[:, :, None]
+        _gh, _u, p = _head_probs(G, h, x3, j, kk, C, HEADS, L, NB, KP, PREC)
         y = tl.dot(p, xm, input_precision=PREC)  # (NB, LP, KP): y_j, j = m*C + c
         wvh = tl.load(WV + (h * J + j[:, None]) * D + o[None, :], mask=wmask, other=0.0).to(tl.float32)
         out = tl.dot(tl.reshape(y, (NB * LP, KP)), wvh, input_precision=PREC)  # (NB*LP, BD)
@@ -102,26 +121,14 @@ def _stem_bwd_kernel(
     j = tl.arange(0, KP)
     kk = tl.arange(0, LP)
     o = tl.arange(0, BD)
-    x3 = tl.load(X + pix[:, :, None] + (j * sx_c)[None, None, :], mask=ok[:, :, None] & (j < C)[None, None, :],
-                 other=0.0).to(tl.float32)
-    xr = tl.load(X + pix[:, :, None] + ((j % C) * sx_c)[None, None, :], mask=ok[:, :, None] & (j < J)[None, None, :],
-                 other=0.0).to(tl.float32)
-    pmt = tl.where((kk < L)[:, None] & (j < J)[None, :], 1.0, 0.0)  # (LP, KP): p(k, j // C)
-    if HAS_PM:
-        pmt = tl.load(PM + kk[:, None] * M + (j // C)[None, :], mask=(kk < L)[:, None] & (j < J)[None, :],
-                      other=0.0).to(tl.float32)
+    x3, xr, pmt = _block_inputs(X, PM, pix, ok, sx_c, j, kk, C, M, L, HAS_PM)
     xm = xr * pmt[None, :, :]
-    xt = tl.trans(x3, (0, 2, 1))
     gmask = (j < C)[:, None] & (j < C)[None, :]
     wmask = (j < J)[:, None] & (o < D)[None, :]
     dx = tl.zeros([NB, LP, KP], tl.float32)
     dxm = tl.zeros([NB, LP, KP], tl.float32)
     for h in range(HEADS):
-        gh = tl.load(G + j[:, None] * HEADS * C + h * C + j[None, :], mask=gmask, other=0.0).to(tl.float32)
-        u = tl.dot(x3, tl.broadcast_to(gh[None, :, :], (NB, KP, KP)), input_precision=PREC)  # (NB, LP, KP)
-        logits = tl.where((kk < L)[None, None, :], tl.dot(u, xt, input_precision=PREC), float("-inf"))
-        p = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-        p = p / tl.sum(p, axis=2)[:, :, None]  # (NB, LP queries, LP keys)
+        gh, u, p = _head_probs(G, h, x3, j, kk, C, HEADS, L, NB, KP, PREC)
         do = tl.load(DO + dpix[:, :, None] + ((h * D + o) * sd_c)[None, None, :],
                      mask=ok[:, :, None] & (o < D)[None, None, :], other=0.0).to(tl.float32)  # (NB, LP, BD)
         do2 = tl.reshape(do, (NB * LP, BD))
