@@ -33,9 +33,11 @@ def test_bench_small_record(tmp_path, one_thread, capsys):
     record = json.loads(out.read_text())
 
     meta = record["meta"]
-    for key in ("command", "commit", "dirty", "date", "device", "device_name", "torch", "dtype", "threads", "memory"):
+    for key in ("command", "commit", "dirty", "date", "device", "device_name", "torch", "dtype", "threads", "memory",
+                "cpu_malloc"):
         assert key in meta, key
     assert meta["device"] == "cpu" and meta["dtype"] == "fp32" and meta["torch"] == torch.__version__
+    assert meta["cpu_malloc"] != "default (not changed)"  # the bench sets the allocator as training does
 
     layer = record["layer"]
     shapes = record["layer_config"]["shapes"]

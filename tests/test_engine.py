@@ -290,3 +290,35 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_pat
 def test_default_config_file_parses_as_yaml():
     data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     assert data["dataset"] == "fashion-mnist"
+
+
+_FREED_MEMORY_PROBE = textwrap.dedent("""
+    import torch
+    from sasa.engine.cpu_memory import allocator_state
+    from sasa.engine.distributed import init_distributed
+
+    def rss_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+    init_distributed("cpu")
+    x = torch.ones(32 * 2**20 // 4)  # 32 MiB, above glibc's largest mmap threshold
+    before = rss_mb()
+    del x
+    print(allocator_state(), "|", round(before - rss_mb()))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("setting", ["", "default"])
+def test_cpu_processes_keep_freed_memory(setting):
+    env = {**os.environ, "SASA_CPU_MALLOC": setting}
+    out = subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip().splitlines()[-1]
+    state, returned_mb = out.split(" | ")
+    if setting == "default":
+        assert state == "default (SASA_CPU_MALLOC=default)"
+        assert int(returned_mb) >= 30  # glibc gave the freed block back to the OS at once
+    elif state == "kept (glibc mallopt)":
+        assert int(returned_mb) <= 2  # kept for the next step's tensors: no page faults to get it back
+    else:
+        assert state == "default (not glibc)"

@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from ..engine.cpu_memory import keep_freed_memory
 from .config import MODES, BenchConfig, preset, stage_shapes
 from .report import render, write_json
 from .timing import environment
@@ -81,6 +82,8 @@ def config_from_args(args) -> BenchConfig:
 def run(cfg: BenchConfig, *, command: str = "", log=print) -> dict:
     """Run the configured modes; returns the JSON-ready record (``meta``, ``layer`` and / or ``model`` rows)."""
     dtype = cfg.dtype if cfg.dtype == "fp32" else f"{cfg.dtype} autocast"
+    if cfg.device.type == "cpu":
+        keep_freed_memory()  # as `sasa train` on CPU does; SASA_CPU_MALLOC=default measures without it
     result = {"meta": environment(cfg.device, dtype=dtype, channels_last=cfg.channels_last, command=command)}
     if "layer" in cfg.modes or "op" in cfg.modes:
         from .layer import layer_rows

@@ -74,7 +74,7 @@ def render(result: dict) -> str:
     out = [title, f"peak MB = {m['memory']}"]
     if m.get("load_average") is not None and m["device"] == "cpu":
         out.append(f"load average at start: {m['load_average']:.2f} on {os.cpu_count()} cores "
-                   f"(cpu ms = process CPU time per call, all threads)")
+                   f"(cpu ms = process CPU time per call, all threads); freed memory: {m.get('cpu_malloc', '?')}")
     if "layer" in result:
         lc = result["layer_config"]
         out += ["", (f"Layer (SelfAttention2d incl. projections): batch {lc['batch']}, k={lc['kernel_size']}, "

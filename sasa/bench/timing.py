@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..engine.cpu_memory import allocator_state
+
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated during the call minus memory_allocated before it",
     "cpu": "peak of tensor allocations during the call (torch.profiler profile_memory events), above the start",
@@ -150,4 +152,5 @@ def environment(device: torch.device, *, dtype: str, channels_last: bool, comman
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # other jobs on the machine
         "memory": MEMORY_METHOD[device.type],
+        "cpu_malloc": allocator_state(),
     }

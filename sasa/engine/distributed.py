@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .cpu_memory import keep_freed_memory
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -52,7 +54,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
-    """Start the process group when launched by ``torchrun`` and pick this process's device.
+    """Start the process group when launched by ``torchrun`` and pick this process's device; on CPU, also keep
+    freed memory for reuse (``cpu_memory.keep_freed_memory``: fewer page faults, faster steps).
 
     Args:
         device: ``"cpu"``, ``"cuda"`` (``cuda:LOCAL_RANK`` under torchrun) or ``None`` for CUDA when available.
@@ -73,6 +76,8 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
         dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    else:
+        keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}

@@ -43,6 +43,7 @@ def collect_environment(device: torch.device, world_size: int = 1) -> dict:
     import torchvision
 
     from .. import __version__
+    from .cpu_memory import allocator_state
 
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -58,6 +59,7 @@ def collect_environment(device: torch.device, world_size: int = 1) -> dict:
         "device_name": describe_device(device),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_malloc": allocator_state(),
         "world_size": world_size,
         **git_commit(),
     }
