@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import sasa
 from sasa import AttentionStem, SelfAttention2d
+from sasa.layers import stem_attention
 
 
 def test_layer_is_conv_like():
@@ -178,9 +179,12 @@ def test_stem_params_and_bad_input():
 @pytest.mark.parametrize("values, heads, block, size", [
     ("spatial", 4, 4, (8, 12)), ("spatial", 1, 4, (4, 4)), ("spatial", 2, 2, (6, 10)), ("plain", 4, 4, (12, 8)),
     ("plain", 2, 2, (2, 6))])
-def test_stem_fast_path_matches_reference(values, heads, block, size):
+@pytest.mark.parametrize("chunk_blocks", [512, 1, 12, 15], ids=["one-chunk", "rows", "ragged-rows", "images"])
+def test_stem_fast_path_matches_reference(values, heads, block, size, chunk_blocks, monkeypatch):
     """The reassociated, recomputing op equals the textbook q / k / v formulation: output and every gradient
-    (input and all parameters), float64, NCHW and channels-last inputs and upstream gradients."""
+    (input and all parameters), float64, NCHW and channels-last inputs and upstream gradients; on CPU also when it
+    runs in chunks of block rows (some of uneven size) or of whole images."""
+    monkeypatch.setattr(stem_attention, "CHUNK_BLOCKS", chunk_blocks)
     torch.manual_seed(0)
     stem = AttentionStem(3, 8, heads=heads, block_size=block, values=values, mixtures=3).double()
     with torch.no_grad():  # non-trivial attention: larger logits than the default init gives
