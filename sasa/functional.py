@@ -15,6 +15,11 @@ image as k = v = 0 that still take part in the softmax with logit ``scale * q . 
 from the softmax. Windows larger than the map are legal in both modes. ``k=None`` gives q.r-only logits (the
 paper's ablation without W_K).
 
+With ``padding="mask"`` an offset as large as the map is outside it for every query, so it is masked everywhere:
+the op then runs the window clipped to ``2 * max(H, W) - 1`` with the middle rows of the tables (exact: the same
+output, and zero gradient for the table rows left out, as the full window gives). On the small maps of CIFAR- or
+Fashion-MNIST-sized inputs (2x2 and 1x1 in the last stages) that skips most of a 7x7 window.
+
 Status: complete. Backends: ``reference`` (oracle), ``shifted`` (lean, any device), ``triton`` (fused, CUDA).
 """
 
@@ -67,6 +72,15 @@ def check_kernel_size(kernel_size) -> int:
     if kernel_size <= 0 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd and positive (3, 5, 7, ...), got {kernel_size}")
     return kernel_size
+
+
+def _clip_to_map(kernel_size: int, rel_rows, rel_cols, height: int, width: int):
+    """``padding="mask"``: the window and tables cut to the offsets that can land on the map (module docstring)."""
+    fit = 2 * max(height, width) - 1
+    if fit >= kernel_size:
+        return kernel_size, rel_rows, rel_cols
+    cut = (kernel_size - fit) // 2
+    return fit, *(t.narrow(-2, cut, fit).contiguous() if t is not None else None for t in (rel_rows, rel_cols))
 
 
 def local_attention_2d(
@@ -125,6 +139,8 @@ def local_attention_2d(
     _check_table("rel_rows", rel_rows, heads, kernel_size, head_dim // 2, q)
     _check_table("rel_cols", rel_cols, heads, kernel_size, head_dim // 2, q)
     scale = float(scale)
+    if padding == "mask":
+        kernel_size, rel_rows, rel_cols = _clip_to_map(kernel_size, rel_rows, rel_cols, q.shape[1], q.shape[2])
 
     opts = dict(k=k, rel_rows=rel_rows, rel_cols=rel_cols, kernel_size=kernel_size, padding=padding)
     name = backend if backend is not None else _backends.env_default()

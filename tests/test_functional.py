@@ -110,6 +110,25 @@ def test_gradcheck_float64(backend, padding):
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", sasa.available_backends("cpu"))
+@pytest.mark.parametrize("case", [(1, 3, 3, 2, 4, 7), (2, 2, 3, 2, 4, 7), (1, 2, 2, 1, 4, 9), (2, 1, 1, 2, 2, 5),
+                                  (1, 1, 2, 1, 2, 7)], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
+def test_mask_padding_clips_the_window_exactly(backend, case, per_head):
+    """padding="mask" runs the window clipped to 2 * max(H, W) - 1 on maps smaller than it: same output and
+    gradients (float64) as the full window through the reference, and zero gradient for the table rows cut off."""
+    B, H, W, heads, d, K = case
+    inputs = make_inputs(*case, per_head=per_head, dtype=torch.float64)
+    got = run(backend, *inputs, K, "mask", scale=0.7)
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    full = sasa.backends.get("reference").apply(*leaves, K, "mask", 0.7)  # no dispatcher: the full K x K window
+    full.backward(torch.randn(full.shape, generator=torch.Generator().manual_seed(1), dtype=full.dtype))
+    assert_match(got, (full.detach(), [t.grad for t in leaves]), atol=1e-12, rtol=1e-10)
+    cut = (K - (2 * max(H, W) - 1)) // 2
+    for grad in got[1][3:]:
+        assert cut > 0 and grad[..., :cut, :].abs().max() == 0 and grad[..., K - cut:, :].abs().max() == 0
+
+
 def test_reference_semantics_by_hand():
     """One pixel's output computed from the SPEC's formula with explicit loops, both padding modes."""
     q, k, v, rows, cols = make_inputs(1, 3, 4, 1, 4, 3, dtype=torch.float64, seed=7)

@@ -65,7 +65,8 @@ def _measure(spec: str, cfg: BenchConfig) -> dict:
     attention = _has_attention(model)
     run = torch.compile(model) if cfg.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = cfg.to_device(torch.randn(cfg.model_batch, 3, cfg.model_image_size, cfg.model_image_size))
+    x = cfg.to_device(torch.randn(cfg.model_batch, overrides.get("in_chans", 3), cfg.model_image_size,
+                                  cfg.model_image_size))  # in_chans=1: grayscale models (Fashion-MNIST)
     y = torch.randint(0, 1000, (cfg.model_batch,), device=cfg.device)
 
     def train_step():
