@@ -123,7 +123,9 @@ def _forward(xb, g, pm, wv, shape, out) -> None:
     """The op on one chunk, written into ``out`` ``(B, C_out, pixels)``."""
     xm = _mixed(xb, pm)
     _, P = _probabilities(xb, g, wv.shape[0])
-    _project(_to_raster(P.to(xm.dtype) @ xm, shape), wv, out)  # P @ xm: (N, L*heads, J)
+    y = _project(_to_raster(P.to(xm.dtype) @ xm, shape), wv, out)  # P @ xm: (N, L*heads, J)
+    if y is not out:  # under torch.compile _per_head concatenates instead of writing into out
+        out.copy_(y)
 
 
 def _backward(xb, g, pm, wv, shape, dout):
