@@ -3,9 +3,9 @@
 PyTorch allocates CPU tensors with the C library's ``malloc``. glibc's defaults hand large blocks back to the
 operating system as soon as they are freed (blocks above the mmap threshold, at most 32 MiB, get their own
 ``mmap``; a free heap top above the trim threshold is returned), so every training step faults its activations'
-pages in again, and zero-fills them in the kernel. On this project's 2-core VM, ``torch.empty(33 MB).fill_(1)``
-took 21 ms with the defaults and 1 ms with freed memory kept, and one training step of resnet26 / sasa_resnet26
-(batch 8, 128x128, 1 thread) got ~25% / ~20% faster (BENCHMARKS.md). PyTorch's CPU tuning guide reaches the same
+pages in again, and zero-fills them in the kernel. On this project's 2-core VM an allocation + fill of 32 MiB took
+15.0 ms with the defaults and 2.3 ms with freed memory kept, and one training step of resnet26 / sasa_resnet26
+(batch 8, 128x128, 1 thread) got ~14% / ~9% faster (BENCHMARKS.md). PyTorch's CPU tuning guide reaches the same
 end by preloading jemalloc or tcmalloc; this needs no extra library.
 
 ``keep_freed_memory()`` sets glibc's ``M_MMAP_MAX`` to 0 (large blocks come from the heap too) and
