@@ -72,11 +72,11 @@ def _to_blocks(yr: torch.Tensor, shape: tuple[int, int, int, int], heads: int) -
 
 
 def _per_head(out: torch.Tensor, a, b, heads: int, dim: int) -> torch.Tensor:
-    """``cat([a(h) @ b(h) for h], dim)``. In eager mode each product is written straight into its slice of ``out``
-    (a concatenation would copy the full-resolution result once more); under ``torch.compile``, which does not trace
-    ``out=`` into a view, the plain ``cat`` (the compiler fuses it) and ``out`` is unused."""
+    """``out = cat([a(h) @ b(h) for h], dim)``, returned. In eager mode each product is written straight into its
+    slice of ``out`` (a concatenation would copy the full-resolution result once more); under ``torch.compile``,
+    which does not trace ``out=`` into a view, the ``cat`` copied into ``out`` (the compiler fuses both)."""
     if torch.compiler.is_compiling():
-        return torch.cat([a(h) @ b(h) for h in range(heads)], dim)
+        return out.copy_(torch.cat([a(h) @ b(h) for h in range(heads)], dim))
     step = out.shape[dim] // heads
     for h in range(heads):
         torch.matmul(a(h), b(h), out=out.narrow(dim, h * step, step))
@@ -123,9 +123,7 @@ def _forward(xb, g, pm, wv, shape, out) -> None:
     """The op on one chunk, written into ``out`` ``(B, C_out, pixels)``."""
     xm = _mixed(xb, pm)
     _, P = _probabilities(xb, g, wv.shape[0])
-    y = _project(_to_raster(P.to(xm.dtype) @ xm, shape), wv, out)  # P @ xm: (N, L*heads, J)
-    if y is not out:  # under torch.compile _per_head concatenates instead of writing into out
-        out.copy_(y)
+    _project(_to_raster(P.to(xm.dtype) @ xm, shape), wv, out)  # P @ xm: (N, L*heads, J)
 
 
 def _backward(xb, g, pm, wv, shape, dout):
@@ -183,13 +181,9 @@ class _StemAttention(torch.autograd.Function):
         xb, g, pm, wv = ctx.saved_tensors
         shape = ctx.shape
         dout = dout.flatten(2).to(xb.dtype if pm is None else torch.promote_types(xb.dtype, pm.dtype))
-        chunks = _chunks(shape, xb.device)
-        if len(chunks) == 1:
-            dxb, dg, dpm, dwv = _backward(xb, g, pm, wv, shape, dout)
-            return dxb, dg, dpm, dwv, None
         dxb = torch.empty_like(xb)
         dg = dpm = dwv = None
-        for chunk in chunks:
+        for chunk in _chunks(shape, xb.device):
             blocks, dc, sc = _chunk_views(chunk, shape, dout)
             dxb[blocks], dgc, dpmc, dwvc = _backward(xb[blocks], g, pm, wv, sc, dc)
             dg, dwv = (dgc, dwvc) if dg is None else (dg + dgc, dwv + dwvc)
