@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data train test test-all lint bench clean
+.PHONY: setup data train test test-triton36 test-all lint bench clean
 
 $(BIN)/sasa: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,17 @@ train: setup data
 test: setup data
 	$(BIN)/python -m pytest -q
 
+# The Triton tests (interpreter, and the offline sm_90a compile) again under the GPU machines' Triton 3.6, which
+# the CUDA build of torch 2.14 (Triton 3.8) does not cover; a CPU-only torch 2.13 keeps that environment small.
+T36 := .venv-triton36
+$(T36)/ok:
+	$(PY) -m venv $(T36)
+	$(T36)/bin/pip install -q torch==2.13.0 triton==3.6.0 numpy pytest
+	touch $@
+
+test-triton36: $(T36)/ok
+	PYTHONPATH=$(CURDIR) $(T36)/bin/python -m pytest -q -p no:cacheprovider tests/test_triton.py
+
 lint: setup
 	$(BIN)/ruff check sasa tests tools
 
@@ -33,4 +44,4 @@ bench: setup
 	$(BIN)/sasa bench --small
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(T36) runs .pytest_cache
