@@ -11,3 +11,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The CPU default, ``inductor``, compiles its loops with torch.compile on first use (seconds per variant and
+# process, and the CLI tests start many processes): the suite runs models on ``shifted`` (the same maths, eager) and
+# tests ``inductor`` wherever a test names it (every op test of tests/test_functional.py, the bench's backend rows)
+# and the default choice itself (test_default_backend_and_env_override, which unsets this).
+os.environ.setdefault("SASA_BACKEND", "shifted")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_bench_small_record(tmp_path, one_thread, capsys):
         assert r["vs_conv"] > 0
         assert len(r["profile"]) == 3 and {"op", "self_ms", "share", "calls"} <= set(r["profile"][0])
     assert models[0]["backend"] is None and models[0]["vs_conv"] == 1.0
-    assert models[1]["backend"].endswith("(auto)")
+    assert models[1]["backend"].endswith("(SASA_BACKEND)" if os.environ.get("SASA_BACKEND") else "(auto)")
 
 
 def test_bench_model_arguments(tmp_path, one_thread):

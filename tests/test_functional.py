@@ -161,7 +161,8 @@ def test_relative_term_only_in_logits():
 
 def test_default_backend_and_env_override(monkeypatch):
     q, k, v, rows, cols = make_inputs(1, 4, 4, 1, 4, 3)
-    assert sasa.available_backends("cpu")[0] != "reference"
+    assert sasa.available_backends("cpu")[0] == "inductor"
+    assert "inductor" not in sasa.available_backends("cuda")
     assert "reference" in sasa.available_backends("cpu")
     monkeypatch.setenv("SASA_BACKEND", "reference")
     ref = local_attention_2d(q, k, v, rows, cols, kernel_size=3)
@@ -170,6 +171,22 @@ def test_default_backend_and_env_override(monkeypatch):
         local_attention_2d(q, k, v, rows, cols, kernel_size=3)
     monkeypatch.delenv("SASA_BACKEND")
     torch.testing.assert_close(local_attention_2d(q, k, v, rows, cols, kernel_size=3), ref)
+
+
+def test_inductor_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    """No C++ compiler, an Inductor error: one warning, then the shifted backend's eager core (same results)."""
+    from sasa.backends import inductor
+
+    def broken(name):
+        raise RuntimeError(f"no compiler for {name}")
+
+    monkeypatch.setattr(inductor, "_compiled", broken)
+    monkeypatch.setitem(inductor._STATE, "broken", None)
+    inputs = make_inputs(2, 5, 4, 2, 4, 3)
+    with pytest.warns(UserWarning, match="torch.compile failed for the inductor backend .*no compiler"):
+        got = run("inductor", *inputs, 3, "mask")
+    assert inductor._STATE["broken"].startswith("RuntimeError")
+    assert_match(got, run("shifted", *inputs, 3, "mask"), atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -4,8 +4,8 @@ Each backend is a module-level object with a ``name``, a ``can_run(q, ...) -> st
 ``None`` when it can run or a human-readable reason when it cannot, and an ``apply(...)`` that computes the op with
 autograd support. ``sasa.functional`` picks one and dispatches; nothing else should import backends directly.
 
-Status: ``reference`` (oracle) and ``shifted`` (lean CPU/GPU path) always present; ``triton`` registered when the
-Triton module imports.
+Status: ``reference`` (oracle), ``shifted`` (lean CPU/GPU path) and ``inductor`` (``shifted`` fused by
+``torch.compile``, CPU) always present; ``triton`` registered when the Triton module imports.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _load_all() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from . import reference, shifted  # noqa: F401  (registration side effect)
+    from . import inductor, reference, shifted  # noqa: F401  (registration side effect)
 
     try:
         from . import triton_backend  # noqa: F401

@@ -131,8 +131,9 @@ def _outside_mask(H: int, W: int, K: int, device: torch.device) -> torch.Tensor:
     return mask.reshape(K * K, H * P)
 
 
-def _forward(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, probs): out as ``_crop(..., as_base=True)`` lays it out, probs ``(B, h, K*K, H*P)`` for the backward."""
+def _forward_core(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float):
+    """The eager core: ``(out (B, h, d, N) flat, probs (B, h, K*K, N))``. Each padded buffer is made where it is
+    used and dropped after, which keeps the peak low."""
     B, H, W, h, d = q.shape
     c = d // 2
     r, P, _ = _geometry(H, W, K)
@@ -157,16 +158,12 @@ def _forward(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float) -> t
     probs = torch.softmax(logits, dim=2)  # (B, h, K*K, N)
     del logits
     starts = [a * P + b for a in range(K) for b in range(K)]
-    out = _gather(probs, _keys(v, r), starts, probs.new_empty(B, h, d, N))
-    # a fresh tensor, never a view (custom-op outputs must own their storage; an in-place ReLU on the layer's
-    # output then works too); ``shifted_attention`` permutes it outside
-    return _crop(out, H, W, P, 0, 0, q, as_base=True), probs
+    return _gather(probs, _keys(v, r), starts, probs.new_empty(B, h, d, N)), probs
 
 
-def _backward(dout, q, k, v, rel_rows, rel_cols, probs, K: int, scale: float, needs: tuple[bool, ...]):
-    """(dq, dk, dv, drows, dcols), None where absent or not needed (``needs``: q, k, v, rows, cols)."""
-    if q.stride(-1) != 1:
-        dout = _cf(dout)  # the forward returned (B, h, d, H, W): back to (B, H, W, h, d)
+def _backward_core(dout, q, k, v, probs, rel_rows, rel_cols, K: int, scale: float, needs: tuple[bool, ...]):
+    """The eager core: ``(dq (B, h, d, N), dk, dv (B, h, d, L), drows, dcols)``, flat padded buffers, None where
+    absent or not needed; ``dout`` is (B, H, W, h, d)."""
     B, H, W, h, d = q.shape
     c = d // 2
     r, P, rows = _geometry(H, W, K)
@@ -179,31 +176,57 @@ def _backward(dout, q, k, v, rel_rows, rel_cols, probs, K: int, scale: float, ne
     if scale != 1.0:
         ds *= scale
     qf = _queries(q, r)
-    dq = dk = dv = drows = dcols = dqf = None
+    dq = dk = dv = drows = dcols = None
     if need_q:
-        dqf = _gather(ds, _keys(k, r), starts, torch.empty_like(qf)) if k is not None else torch.zeros_like(qf)
+        dq = _gather(ds, _keys(k, r), starts, torch.empty_like(qf)) if k is not None else torch.zeros_like(qf)
     if k is not None and need_k:
-        dk = _crop(_scatter(ds, qf, starts, L), H, W, P, r, r, q)
+        dk = _scatter(ds, qf, starts, L)
     if need_v:
-        dv = _crop(_scatter(probs, dof, starts, L), H, W, P, r, r, q)
+        dv = _scatter(probs, dof, starts, L)
     ds5 = ds.view(B, h, K, K, N)
     for table, dim, lo, need in ((rel_rows, 3, 0, need_rows), (rel_cols, 2, c, need_cols)):
         if table is None:
             continue
         g = ds5.sum(dim)  # (B, h, K, N): gradient of the row (column) offset logits
         if need_q:
-            dqf[:, :, lo : lo + c] += torch.matmul(table.to(qf.dtype).transpose(-1, -2), g)
+            dq[:, :, lo : lo + c] += torch.matmul(table.to(qf.dtype).transpose(-1, -2), g)
         if need:
             dt = torch.matmul(g, qf[:, :, lo : lo + c].transpose(-1, -2))  # (B, h, K, c)
-            dt = (dt.sum(0) if table.dim() == 3 else dt.sum((0, 1))).to(table.dtype)
+            dt = dt.sum(0) if table.dim() == 3 else dt.sum((0, 1))
             if lo == 0:
                 drows = dt
             else:
                 dcols = dt
-    if need_q:
-        dq = _crop(dqf, H, W, P, 0, 0, q)
     return dq, dk, dv, drows, dcols
 
+
+def _forward(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float,
+             core: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, probs): out as ``_crop(..., as_base=True)`` lays it out, probs ``(B, h, K*K, H*P)`` for the backward;
+    ``CORES[core]`` computes them on the flat padded buffers."""
+    B, H, W, h, d = q.shape
+    out, probs = CORES[core][0](q, k, v, rel_rows, rel_cols, K, mask, scale)
+    # a fresh tensor, never a view (custom-op outputs must own their storage; an in-place ReLU on the layer's
+    # output then works too); ``shifted_attention`` permutes it outside
+    return _crop(out, H, W, _geometry(H, W, K)[1], 0, 0, q, as_base=True), probs
+
+
+def _backward(dout, q, k, v, rel_rows, rel_cols, probs, K: int, scale: float, needs: tuple[bool, ...],
+              core: str = "eager"):
+    """(dq, dk, dv, drows, dcols), None where absent or not needed (``needs``: q, k, v, rows, cols)."""
+    if q.stride(-1) != 1:
+        dout = _cf(dout)  # the forward returned (B, h, d, H, W): back to (B, H, W, h, d)
+    B, H, W, h, d = q.shape
+    r, P, _ = _geometry(H, W, K)
+    needs = (needs[0], needs[1] and k is not None, *needs[2:])
+    dq, dk, dv, drows, dcols = CORES[core][1](dout, q, k, v, probs, rel_rows, rel_cols, K, scale, needs)
+    dq, dk, dv = (_crop(g, H, W, P, o, o, q) if g is not None else None for g, o in ((dq, 0), (dk, r), (dv, r)))
+    drows, dcols = (g.to(t.dtype) if g is not None else None for g, t in ((drows, rel_rows), (dcols, rel_cols)))
+    return dq, dk, dv, drows, dcols
+
+
+# name -> (forward core, backward core); ``inductor.py`` adds its compiled pair
+CORES = {"eager": (_forward_core, _backward_core)}
 
 
 def _no_autocast(device: torch.device):
@@ -223,14 +246,15 @@ def _grad_like(q: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("sasa::shifted_fwd", mutates_args=())
 def shifted_fwd(q: Tensor, k: Optional[Tensor], v: Tensor, rel_rows: Optional[Tensor],  # noqa: UP045
                 rel_cols: Optional[Tensor], kernel_size: int, mask: bool,  # noqa: UP045
-                scale: float) -> tuple[Tensor, Tensor]:
-    """``(out, probs)``: out ``(B, h, d, H, W)`` for channels-first q, else ``(B, H, W, h, d)``; probs fp32 or q's."""
+                scale: float, core: str) -> tuple[Tensor, Tensor]:
+    """``(out, probs)``: out ``(B, h, d, H, W)`` for channels-first q, else ``(B, H, W, h, d)``; probs fp32 or q's.
+    ``core``: a key of ``CORES``."""
     with _no_autocast(q.device):
-        return _forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale)
+        return _forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale, core)
 
 
 @shifted_fwd.register_fake
-def _(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale):
+def _(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale, core):
     B, H, W, h, d = q.shape
     out = _grad_like(q)
     out = out if q.stride(-1) == 1 else _cf(out).contiguous()
@@ -241,15 +265,15 @@ def _(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale):
 @torch.library.custom_op("sasa::shifted_bwd", mutates_args=())
 def shifted_bwd(dout: Tensor, q: Tensor, k: Optional[Tensor], v: Tensor, rel_rows: Optional[Tensor],  # noqa: UP045
                 rel_cols: Optional[Tensor], probs: Tensor, kernel_size: int, scale: float,  # noqa: UP045
-                needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                needs: list[bool], core: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, drows, dcols)``; a gradient that is absent or not needed is an empty tensor."""
     with _no_autocast(q.device):
-        grads = _backward(dout, q, k, v, rel_rows, rel_cols, probs, kernel_size, scale, tuple(needs))
+        grads = _backward(dout, q, k, v, rel_rows, rel_cols, probs, kernel_size, scale, tuple(needs), core)
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @shifted_bwd.register_fake
-def _(dout, q, k, v, rel_rows, rel_cols, probs, kernel_size, scale, needs):
+def _(dout, q, k, v, rel_rows, rel_cols, probs, kernel_size, scale, needs, core):
     need_q, need_k, need_v, need_rows, need_cols = needs
     dq = _grad_like(q) if need_q else q.new_empty(0)
     dk = _grad_like(q) if (k is not None and need_k) else q.new_empty(0)
@@ -260,30 +284,30 @@ def _(dout, q, k, v, rel_rows, rel_cols, probs, kernel_size, scale, needs):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rel_rows, rel_cols, kernel_size, _mask, scale = inputs
+    q, k, v, rel_rows, rel_cols, kernel_size, _mask, scale, core = inputs
     ctx.save_for_backward(q, k, v, rel_rows, rel_cols, output[1])
-    ctx.kernel_size, ctx.scale = kernel_size, scale
+    ctx.kernel_size, ctx.scale, ctx.core = kernel_size, scale, core
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient for the probabilities (k*k x the output)
 
 
 def _autograd_backward(ctx, dout, _dprobs):
     if dout is None:  # the output took no part in the loss
-        return (None,) * 8
+        return (None,) * 9
     q, k, v, rel_rows, rel_cols, probs = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     needs[1] = needs[1] and k is not None
     needs[3] = needs[3] and rel_rows is not None
     needs[4] = needs[4] and rel_cols is not None
-    grads = shifted_bwd(dout, q, k, v, rel_rows, rel_cols, probs, ctx.kernel_size, ctx.scale, needs)
-    return tuple(g if n else None for g, n in zip(grads, needs)) + (None, None, None)
+    grads = shifted_bwd(dout, q, k, v, rel_rows, rel_cols, probs, ctx.kernel_size, ctx.scale, needs, ctx.core)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 4
 
 
 torch.library.register_autograd("sasa::shifted_fwd", _autograd_backward, setup_context=_setup_context)
 
 
-def shifted_attention(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale):
-    out, _probs = shifted_fwd(q, k, v, rel_rows, rel_cols, int(kernel_size), padding == "mask", float(scale))
+def shifted_attention(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale, core: str = "eager"):
+    out, _probs = shifted_fwd(q, k, v, rel_rows, rel_cols, int(kernel_size), padding == "mask", float(scale), core)
     return out if q.stride(-1) == 1 else _cf(out)  # channels-first results come back as (B, h, d, H, W)
 
 
