@@ -20,7 +20,8 @@ the op then runs the window clipped to ``2 * max(H, W) - 1`` with the middle row
 output, and zero gradient for the table rows left out, as the full window gives). On the small maps of CIFAR- or
 Fashion-MNIST-sized inputs (2x2 and 1x1 in the last stages) that skips most of a 7x7 window.
 
-Status: complete. Backends: ``reference`` (oracle), ``shifted`` (lean, any device), ``triton`` (fused, CUDA).
+Status: complete. Backends: ``reference`` (oracle), ``shifted`` (lean, any device), ``inductor`` (``shifted``
+compiled, CPU), ``triton`` (fused, CUDA).
 """
 
 from __future__ import annotations

@@ -19,9 +19,13 @@ buffers, against k*k copies of K and V (and their gradients) for unfold.
 On CPU this layout is also the one the models produce: a 1x1 NCHW convolution's output viewed as
 ``(B, H, W, heads, head_dim)`` is already channels-first, so the permutes below are free.
 
-Runs on any device and dtype. Default on CPU. See ``sasa/functional.py`` for layout and maths.
+The op is split into prep / core / crop: ``CORES`` maps a name to the (forward, backward) pair that computes the
+flat padded results; ``"eager"`` is the loops below, ``"inductor"`` (``inductor.py``) the same maths compiled,
+which is the default on CPU. Both run behind the same custom ops.
 
-Status: complete; the lean training path on CPU.
+Runs on any device and dtype. See ``sasa/functional.py`` for layout and maths.
+
+Status: complete; the eager CPU path (and the fallback of ``inductor``).
 """
 
 from __future__ import annotations
