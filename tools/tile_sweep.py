@@ -109,6 +109,7 @@ def main(argv=None) -> None:
 
 
 def _write(out: str, results: list) -> None:
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "tile_sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
 
