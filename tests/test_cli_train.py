@@ -82,6 +82,7 @@ def test_run_directory_contents(reference_run):
     assert summary["model"] == "test_resnet" and summary["epochs"] == 2 and summary["top1"] > 15
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and "commit" in env and env["device"] == "cpu"
+    assert env["attention_backend"] == "shifted (SASA_BACKEND)"  # tests/conftest.py sets it
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     assert [r["step"] for r in records if r["kind"] == "step"] == [5, 10, 15, 20]

@@ -38,6 +38,20 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def attention_backend(device: torch.device) -> str:
+    """The local-attention backend that layers without an explicit ``backend=`` run on ``device``: ``"inductor
+    (auto)"``, ``"shifted (SASA_BACKEND)"``, ... (results differ between backends in the last bits, so a run says
+    which one it had)."""
+    from .. import backends
+    from ..functional import available_backends
+
+    forced = backends.env_default()
+    if forced:
+        return f"{forced} (SASA_BACKEND)"
+    names = available_backends(device)
+    return f"{names[0]} (auto)" if names else "none"
+
+
 def collect_environment(device: torch.device, world_size: int = 1) -> dict:
     """A JSON-serialisable record of the software and hardware of this run."""
     import torchvision
@@ -60,6 +74,7 @@ def collect_environment(device: torch.device, world_size: int = 1) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_malloc": allocator_state(),
+        "attention_backend": attention_backend(device),
         "world_size": world_size,
         **git_commit(),
     }
