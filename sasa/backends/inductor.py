@@ -168,17 +168,16 @@ def _backward_core(dout, q, k, v, probs, rel_rows, rel_cols, K: int, scale: floa
     r, P, rows = _geometry(H, W, K)
     qf, kp, vp, trows, tcols = _planes(q, k, v, rel_rows, rel_cols, K)
     dof = _queries(dout, r).view(B * h, d, -1)
-    probs = probs.view(B * h, K * K, -1)
-    result = _run("backward", (dof, qf, kp, vp, probs, trows, tcols, torch.tensor(scale, dtype=qf.dtype), K, P))
+    args = (dof, qf, kp, vp, probs.view(B * h, K * K, -1), trows, tcols, torch.tensor(scale, dtype=qf.dtype), K, P)
+    result = _run("backward", args)
     if result is None:
-        return shifted._backward_core(dout, q, k, v, probs.view(B, h, K * K, -1), rel_rows, rel_cols, K, scale,
-                                      needs)
+        return shifted._backward_core(dout, q, k, v, probs, rel_rows, rel_cols, K, scale, needs)
     ds, dq, drows, dcols = result
     # the scatters stay eager: as gathers over flipped, shifted copies of ds and probs, Inductor was slower
-    starts = [a * P + b for a in range(K) for b in range(K)]
+    starts = shifted._starts(K, P)
     planes = lambda x: x.view(B, h, x.shape[1], -1)  # noqa: E731  (BH, ., N) -> (B, h, ., N)
     dk = shifted._scatter(planes(ds), planes(qf), starts, rows * P) if k is not None and needs[1] else None
-    dv = shifted._scatter(planes(probs), planes(dof), starts, rows * P) if needs[2] else None
+    dv = shifted._scatter(probs, planes(dof), starts, rows * P) if needs[2] else None
     tables = []
     for table, grad, need in ((rel_rows, drows, needs[3]), (rel_cols, dcols, needs[4])):
         grad = grad.view(B, h, K, d // 2).sum(0)  # (h, K, c)

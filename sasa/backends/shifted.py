@@ -92,6 +92,11 @@ def _dots(x: torch.Tensor, yp: torch.Tensor, K: int, P: int, acc: torch.Tensor |
     return acc
 
 
+def _starts(K: int, P: int) -> list[int]:
+    """Flat start of each window offset ``(a, b)`` (row-major, the probabilities' order) in a padded buffer."""
+    return [a * P + b for a in range(K) for b in range(K)]
+
+
 def _gather(w: torch.Tensor, xp: torch.Tensor, starts: list[int], out: torch.Tensor) -> torch.Tensor:
     """out (B, h, d, N) = sum_o w[:, :, o] * xp[..., s_o : s_o + N]."""
     N = out.shape[-1]
@@ -162,7 +167,7 @@ def _forward_core(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float)
         logits.masked_fill_(_outside_mask(H, W, K, q.device), float("-inf"))
     probs = torch.softmax(logits, dim=2)  # (B, h, K*K, N)
     del logits
-    starts = [a * P + b for a in range(K) for b in range(K)]
+    starts = _starts(K, P)
     return _gather(probs, _keys(v, r), starts, probs.new_empty(B, h, d, N)), probs
 
 
@@ -173,7 +178,7 @@ def _backward_core(dout, q, k, v, probs, rel_rows, rel_cols, K: int, scale: floa
     c = d // 2
     r, P, rows = _geometry(H, W, K)
     N, L = H * P, rows * P
-    starts = [a * P + b for a in range(K) for b in range(K)]
+    starts = _starts(K, P)
     need_q, need_k, need_v, need_rows, need_cols = needs
     dof = _queries(dout, r)  # (B, h, d, N), zero in the padding columns
     ds = _dots(dof, _keys(v, r), K, P)  # dL/dprobs
@@ -223,7 +228,6 @@ def _backward(dout, q, k, v, rel_rows, rel_cols, probs, K: int, scale: float, ne
         dout = _cf(dout)  # the forward returned (B, h, d, H, W): back to (B, H, W, h, d)
     B, H, W, h, d = q.shape
     r, P, _ = _geometry(H, W, K)
-    needs = (needs[0], needs[1] and k is not None, *needs[2:])
     dq, dk, dv, drows, dcols = CORES[core][1](dout, q, k, v, probs, rel_rows, rel_cols, K, scale, needs)
     dq, dk, dv = (_crop(g, H, W, P, o, o, q) if g is not None else None for g, o in ((dq, 0), (dk, r), (dv, r)))
     drows, dcols = (g.to(t.dtype) if g is not None else None for g, t in ((drows, rel_rows), (dcols, rel_cols)))
