@@ -152,7 +152,8 @@ def _add_train(sub) -> None:
                                    "`torchrun --nproc_per_node=N` the same command trains with DDP (--batch-size is "
                                    "global). SIGINT/SIGTERM save a checkpoint and exit; --resume RUN_DIR continues.")
     p.add_argument("--config", help="YAML file of config keys (e.g. configs/imagenet_sasa_resnet50.yaml)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (or from "
+                   "a checkpoint file in it, e.g. RUN_DIR/last.prev.pt); a finished run is left as it is")
     add_flags(p)
     p.set_defaults(func=_run_train)
 

@@ -206,13 +206,17 @@ def test_resume_with_other_model_fails_naming_it(reference_run, tmp_path, capsys
     assert "'lr' cannot change on --resume" in capsys.readouterr().err
 
 
-def test_config_errors_fail_before_any_work(tmp_path, capsys):
+def test_config_errors_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SASA_NO_DOWNLOAD", "1")
     (tmp_path / "bad.yaml").write_text("epochs: 1\nwarmup_epoch: 2\n")
     out = tmp_path / "never"
     assert main(["train", "--config", str(tmp_path / "bad.yaml"), "--output", str(out)]) == 2
     assert "'warmup_epoch'" in capsys.readouterr().err
     assert main(["train", "--data-dir", str(tmp_path / "missing"), "--output", str(out)]) == 2
     assert "'data_dir'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # a named folder without the data is an error, never silently another source
+    assert main(["train", "--data-dir", str(tmp_path / "empty"), "--output", str(out)]) == 2
+    assert f"in {tmp_path / 'empty'}: missing train-images-idx3-ubyte" in capsys.readouterr().err
     assert main(["train", "--dataset", "imagefolder", "--output", str(out)]) == 2
     assert "data_dir is required" in capsys.readouterr().err
     assert main(["train", "--model-args", "kernel_size=4", "--output", str(out)]) == 2
@@ -234,3 +238,112 @@ def test_non_finite_loss_from_the_command_line(tmp_path, capsys):
     state = load_checkpoint(run / "last.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (run / "summary.json").exists()
+
+
+def _snapshot(run: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.iterdir())}
+
+
+def _copy(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to, copy_function=shutil.copy2)
+    return to
+
+
+def test_resume_of_a_finished_run_changes_nothing(reference_run, tmp_path, capsys):
+    run = _copy(reference_run, tmp_path / "done")
+    before = _snapshot(run)
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is complete: 2 epochs" in out and f"sasa train --resume {run} --epochs N" in out
+    assert _snapshot(run) == before  # not a byte, not a timestamp
+
+
+def test_resume_a_finished_run_to_more_epochs(reference_run, tmp_path):
+    run = _copy(reference_run, tmp_path / "more")
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 3 and load_checkpoint(run / "last.pt")["progress"]["epoch"] == 3
+    env = json.loads((run / "env.json").read_text())
+    assert env["argv"] == json.loads((reference_run / "env.json").read_text())["argv"]  # the first start is kept
+    assert [r["resumed_from"] for r in env["resumes"]] == ["last.pt"]
+
+
+def test_resume_after_training_but_before_the_summary_finishes_it(reference_run, tmp_path):
+    run = _copy(reference_run, tmp_path / "unfinished")
+    (run / "summary.json").unlink()
+    (run / "model.safetensors").unlink()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    ref = json.loads((reference_run / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["top1"], summary["top1_ema"], summary["epochs"]) == (ref["top1"], ref["top1_ema"], 2)
+    _assert_same_weights(reference_run, run)
+
+
+class _Crash(Exception):
+    """Stands for a kill, a full disk or an I/O error at the moment a file is committed."""
+
+
+def _readable(run: Path) -> None:
+    """Every file of the run directory parses as what it is."""
+    import yaml
+
+    for name in ("last.pt", "last.prev.pt", "best.pt"):
+        assert load_checkpoint(run / name)["progress"]
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        assert load_safetensors(run / name)[0]
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"] == "test_resnet"
+    assert json.loads((run / "env.json").read_text())["torch"] == torch.__version__
+    assert isinstance(json.loads((run / "summary.json").read_text())["top1"], float)
+    assert (run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("target", [
+    "summary.json",
+    pytest.param("config.yaml", marks=pytest.mark.slow), pytest.param("env.json", marks=pytest.mark.slow),
+    pytest.param("metrics.jsonl", marks=pytest.mark.slow), pytest.param("last.prev.pt", marks=pytest.mark.slow),
+    pytest.param("last.pt", marks=pytest.mark.slow), pytest.param("best.pt", marks=pytest.mark.slow),
+    pytest.param("model.safetensors", marks=pytest.mark.slow),
+    pytest.param("model_ema.safetensors", marks=pytest.mark.slow), pytest.param("metrics.png", marks=pytest.mark.slow),
+])
+def test_a_write_that_fails_leaves_the_run_directory_whole(reference_run, tmp_path, monkeypatch, target):
+    """Break each file a run writes at its commit and check that the file is the previous one, that nothing half
+    written or temporary is left, and that the run then resumes to the end."""
+    run = _copy(reference_run, tmp_path / "broken")
+    before = _snapshot(run)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == run / target:
+            if os.stat(src).st_nlink == 1:  # (last.prev.pt's temporary is a hard link to last.pt: no write there)
+                Path(src).write_bytes(b"torn")  # what a half-finished write leaves, were it not a temporary file
+            raise _Crash(target)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    if target == "metrics.png":  # a plot that cannot be drawn is a warning, never a failed run
+        assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    else:
+        with pytest.raises(_Crash):
+            main(["train", "--resume", str(run), "--epochs", "3", "--quiet"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert run.joinpath(target).read_bytes() == before[target][0]
+    assert sorted(p.name for p in run.iterdir()) == sorted(before)  # no temporary file left behind
+    _readable(run)
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+    _readable(run)
+
+
+def test_unreadable_last_checkpoint_names_the_usable_ones(reference_run, tmp_path, capsys):
+    run = _copy(reference_run, tmp_path / "corrupt")
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])  # a checkpoint copied half-way
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt' is unreadable" in err and f"sasa train --resume {run / 'last.prev.pt'}" in err
+    assert f"sasa eval {run / 'best.pt'}" in err and f"sasa train --config {run / 'config.yaml'}" in err
+    assert main(["train", "--resume", str(run / "last.prev.pt"), "--epochs", "3", "--quiet"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+    _readable(run)

@@ -3,7 +3,7 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (what ``torch.load(weights_only=True)``
 accepts, so loading never runs arbitrary pickle code). Every write goes to a temporary file in the same folder,
 is flushed and fsync'ed, then ``os.replace``'d over the target: a process killed at any moment leaves either the
-previous file or the new one, never a torn one.
+previous file or the new one, never a torn one (``atomic.py``).
 
 Generic on purpose: classification and detection both use ``save_checkpoint`` / ``load_checkpoint``; the ``meta``
 dict convention (``{"model": name, "num_classes": n, ...}``) is what ``check_compatible`` compares.
@@ -17,49 +17,16 @@ import json
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from .atomic import atomic_write
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that belongs to another model / class count."""
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move ``tmp_path`` over ``path`` atomically (same folder, fsync first)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the result the usual permissions
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every filesystem lets a directory be opened
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -72,7 +39,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -148,7 +115,7 @@ def save_safetensors(path: str | os.PathLike, state_dict: dict, meta: dict | Non
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     metadata = {k: json.dumps(v) for k, v in (meta or {}).items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:

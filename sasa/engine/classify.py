@@ -341,6 +341,18 @@ class ClassificationTrainer:
                        f"{record['img_s']:.0f} img/s")
         window.update(loss=0.0, correct=0.0, count=0.0, t=now)
 
+    def validate(self) -> dict:
+        """``val_loss``, ``val_top1``, ``val_top5``, ``bad_val`` (and the ``_ema`` figures) on the validation set."""
+        show = not self.quiet and self.dist.is_main
+        res = evaluate(self.module, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
+                       channels_last=self.channels_last, desc="eval", show_progress=show)
+        record = {"val_loss": res["loss"], "val_top1": res["top1"], "val_top5": res["top5"], "bad_val": res["bad"]}
+        if self.ema is not None:
+            res_ema = evaluate(self.ema.module, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
+                               channels_last=self.channels_last, desc="eval ema", show_progress=show)
+            record.update(val_loss_ema=res_ema["loss"], val_top1_ema=res_ema["top1"], val_top5_ema=res_ema["top5"])
+        return record
+
     def _end_epoch(self) -> dict:
         p = self.progress
         epoch = p.epoch
@@ -351,15 +363,7 @@ class ClassificationTrainer:
                   "img_s": getattr(self, "_epoch_images", 0.0) / max(getattr(self, "_epoch_time", 0.0), 1e-9),
                   "bad_train": int(p.ep_bad)}
         if self.val_loader is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs):
-            show = not self.quiet and self.dist.is_main
-            res = evaluate(self.module, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
-                           channels_last=self.channels_last, desc="eval", show_progress=show)
-            record.update(val_loss=res["loss"], val_top1=res["top1"], val_top5=res["top5"], bad_val=res["bad"])
-            if self.ema is not None:
-                res_ema = evaluate(self.ema.module, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
-                                   channels_last=self.channels_last, desc="eval ema", show_progress=show)
-                record.update(val_loss_ema=res_ema["loss"], val_top1_ema=res_ema["top1"],
-                              val_top5_ema=res_ema["top5"])
+            record.update(self.validate())
             self.last_eval = record
         self.print(format_epoch(record, self.epochs))
         if record["bad_train"]:

@@ -23,6 +23,8 @@ from typing import Any, Union
 
 import yaml
 
+from .atomic import atomic_write_text
+
 DATASETS = ("fashion-mnist", "imagefolder", "cifar10", "cifar100", "synthetic")
 AUGMENTS = ("crop-flip", "inception", "flip", "none")
 OPTIMIZERS = ("sgd", "adamw")
@@ -231,7 +233,7 @@ def dump_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (``resume`` left out: it is not part of the experiment)."""
     data = to_dict(cfg)
     data.pop("resume", None)
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def from_dict(data: dict, *, source: str = "") -> TrainConfig:

@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .atomic import atomic_write, atomic_write_text
+
 LOSS_KEYS = ("loss",)
 ACC_KEYS = ("top1", "acc", "map")
 
@@ -55,10 +57,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in self.read() if keep(r)]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -119,9 +118,7 @@ def plot_metrics(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, *, 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

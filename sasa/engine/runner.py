@@ -15,6 +15,7 @@ Status: complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import config as C
+from .atomic import atomic_write_text, keep_previous
 from .checkpoint import (
     CheckpointError,
     check_compatible,
@@ -40,7 +42,7 @@ from .environment import collect_environment, git_commit
 from .metrics import MetricsLogger, plot_metrics
 from .signals import GracefulStop
 
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, PREVIOUS = "last.pt", "best.pt", "last.prev.pt"  # PREVIOUS: the checkpoint before LAST
 
 
 def _say(dist: DistInfo, msg: str) -> None:
@@ -67,17 +69,72 @@ def precheck(cfg: C.TrainConfig) -> None:
         raise C.ConfigError(f"config key 'data_dir': {err}") from err
 
 
-def config_for_resume(run_dir: str | os.PathLike, overrides: dict) -> C.TrainConfig:
-    """The config saved in ``run_dir``, with the few keys a resumed run may change (``RESUMABLE_OVERRIDES``)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / LAST).is_file():
-        raise C.ConfigError(f"--resume {str(run_dir)!r}: no {LAST} there (not a run directory, or it never reached "
-                            f"its first checkpoint)")
+def resume_paths(resume: str | os.PathLike) -> tuple[Path, Path]:
+    """``(run directory, checkpoint)`` of ``--resume``: a run directory (its ``last.pt``) or a checkpoint in one."""
+    path = Path(resume)
+    if path.is_file():
+        return path.parent, path
+    return path, path / LAST
+
+
+def _checkpoint_summary(path: Path) -> str | None:
+    """``"epoch 2, step 15, full training state"`` for a readable checkpoint, ``None`` for an unreadable one."""
+    try:
+        state = load_checkpoint(path)
+        p = state["progress"]
+    except (CheckpointError, FileNotFoundError, KeyError, TypeError):
+        return None
+    kind = "full training state" if "optimizer" in state else "weights only"
+    where = (f"end of epoch {p['epoch']}" if not p.get("batches_done") else
+             f"epoch {p['epoch'] + 1}, batch {p['batches_done']}")
+    return f"{where}, global step {p['global_step']}; {kind}"
+
+
+def unusable_checkpoint_message(run_dir: Path, ckpt: Path, reason: str) -> str:
+    """The error for a checkpoint that cannot be resumed from: what else in ``run_dir`` is usable, and how."""
+    lines = [f"--resume {str(run_dir)!r}: {reason}", "usable files in the run directory:"]
+    found = False
+    previous = run_dir / PREVIOUS
+    if previous != ckpt and (about := _checkpoint_summary(previous)):
+        lines.append(f"  {PREVIOUS} ({about}): continue training from it with\n"
+                     f"      sasa train --resume {previous}")
+        found = True
+    if (about := _checkpoint_summary(run_dir / BEST)):
+        lines.append(f"  {BEST} (best validation accuracy, {about}): evaluate or export it with\n"
+                     f"      sasa eval {run_dir / BEST}")
+        found = True
+    if (run_dir / "model.safetensors").is_file():
+        lines.append(f"  model.safetensors (final weights): sasa eval {run_dir / 'model.safetensors'}")
+        found = True
+    if not found:
+        lines.append("  none")
+    if (run_dir / "config.yaml").is_file():
+        lines.append(f"or start the same run again: sasa train --config {run_dir / 'config.yaml'} --output NEW_DIR")
+    return "\n".join(lines)
+
+
+def _load_resume_checkpoint(run_dir: Path, ckpt: Path, map_location="cpu") -> dict:
+    try:
+        return load_checkpoint(ckpt, map_location=map_location)
+    except CheckpointError as err:
+        raise CheckpointError(unusable_checkpoint_message(run_dir, ckpt, str(err))) from err
+
+
+def config_for_resume(resume: str | os.PathLike, overrides: dict) -> C.TrainConfig:
+    """The config saved in the run directory, with the few keys a resumed run may change
+    (``RESUMABLE_OVERRIDES``). ``resume`` is a run directory (resumes from its ``last.pt``) or a checkpoint file
+    inside one (e.g. ``last.prev.pt``, the checkpoint before ``last.pt``)."""
+    run_dir, ckpt = resume_paths(resume)
+    if not ckpt.is_file():
+        if not run_dir.is_dir():
+            raise C.ConfigError(f"--resume {str(resume)!r}: no such run directory")
+        raise C.ConfigError(unusable_checkpoint_message(
+            run_dir, ckpt, f"no {ckpt.name} there (not a run directory, or it never reached its first checkpoint)"))
     import yaml
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
     if saved is None:
-        saved = load_checkpoint(run_dir / LAST)["config"]
+        saved = _load_resume_checkpoint(run_dir, ckpt)["config"]
     cfg = C.from_dict(saved, source=str(run_dir / "config.yaml"))
     for k, v in overrides.items():
         if k in ("resume", "config"):
@@ -86,14 +143,32 @@ def config_for_resume(run_dir: str | os.PathLike, overrides: dict) -> C.TrainCon
             raise C.ConfigError(f"config key {k!r} cannot change on --resume ({getattr(cfg, k)!r} -> {v!r}); "
                                 f"only {', '.join(C.RESUMABLE_OVERRIDES)} can")
         setattr(cfg, k, C.check_value(k, v, source="command line"))
-    cfg.resume = str(run_dir)
+    cfg.resume = str(ckpt if ckpt.name != LAST else run_dir)
     cfg.output = str(run_dir)
     return C.validate(cfg)
 
 
+def _finished_summary(cfg: C.TrainConfig) -> dict | None:
+    """The run's ``summary.json`` when ``--resume`` names a run that has nothing left to do: its checkpoint has
+    trained ``cfg.epochs`` epochs (or more) and its summary is complete. ``None`` when there is work left."""
+    run_dir, ckpt = resume_paths(cfg.resume)
+    state = _load_resume_checkpoint(run_dir, ckpt)
+    check_compatible(state.get("meta", {}), model=cfg.model, source=str(ckpt))
+    epoch = state["progress"]["epoch"]
+    if epoch < cfg.epochs:
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None  # trained to the end but stopped before its final evaluation: finish it
+    if not isinstance(summary, dict) or summary.get("epochs") != epoch or not _complete(summary):
+        return None
+    return summary
+
+
 def _run_dir(cfg: C.TrainConfig, dist: DistInfo) -> Path:
     if cfg.resume:
-        return Path(cfg.resume)
+        return resume_paths(cfg.resume)[0]
     name = cfg.output or os.path.join("runs", f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(broadcast_object(name))
     if (run_dir / LAST).exists():
@@ -126,6 +201,13 @@ def train(cfg: C.TrainConfig) -> int:
     """Run (or resume) a training run described by ``cfg``; returns the process exit code."""
     t0 = time.time()
     precheck(cfg)
+    if cfg.resume and (summary := _finished_summary(cfg)) is not None:
+        run_dir = resume_paths(cfg.resume)[0]
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"sasa train: {run_dir} is complete: {summary['epochs']} epochs, test top-1 {summary['top1']:.2f}% "
+                  f"(summary.json); nothing to do, nothing changed.\nTo train it further: sasa train --resume "
+                  f"{run_dir} --epochs N (N > {summary['epochs']})", flush=True)
+        return 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = init_distributed(cfg.device)
@@ -184,7 +266,12 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
 
     trainer: ClassificationTrainer | None = None
 
+    # last.pt is linked to last.prev.pt before each new one replaces it, so a checkpoint that turns out unreadable
+    # (a disk error, a file copied half-way) still has a predecessor; not while last.pt is the unreadable one.
+    last_is_good = not cfg.resume or resume_paths(cfg.resume)[1].name == LAST
+
     def save(kind: str) -> None:
+        nonlocal last_is_good
         if not dist.is_main:
             return
         state = trainer.state_dict()
@@ -192,7 +279,10 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
         if kind == "best":
             state = {k: state[k] for k in ("model", "ema", "progress") if k in state}
         state.update(meta=meta, config=C.to_dict(cfg))
+        if kind == "last" and last_is_good:
+            keep_previous(run_dir / LAST, run_dir / PREVIOUS)
         save_checkpoint(run_dir / (LAST if kind == "last" else BEST), state)
+        last_is_good = last_is_good or kind == "last"
 
     with GracefulStop() as stop:
         trainer = ClassificationTrainer(
@@ -202,9 +292,9 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
             log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, save=save,
             stop=stop, max_bad_fraction=cfg.max_bad_fraction, quiet=cfg.quiet)
         if cfg.resume:
-            state = load_checkpoint(run_dir / LAST, map_location=device)
-            check_compatible(state.get("meta", {}), model=cfg.model, num_classes=data.num_classes,
-                             source=str(run_dir / LAST))
+            ckpt = resume_paths(cfg.resume)[1]
+            state = _load_resume_checkpoint(run_dir, ckpt, map_location=device)
+            check_compatible(state.get("meta", {}), model=cfg.model, num_classes=data.num_classes, source=str(ckpt))
             trainer.load_state_dict(state)
             p = trainer.progress
             logger.truncate(lambda r: r.get("step", 0) <= p.global_step)
@@ -215,7 +305,7 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
             C.dump_yaml(cfg, run_dir / "config.yaml")
             env = collect_environment(device, dist.world_size)
             env.update(data_source=data.source, steps_per_epoch=steps_per_epoch, local_batch=local_batch, lr=lr)
-            (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+            atomic_write_text(run_dir / "env.json", json.dumps(_env_record(run_dir, env, cfg), indent=2))
         n_params = sum(p.numel() for p in module.parameters())
         _say(dist, f"sasa train: {cfg.model} ({n_params / 1e6:.2f} M params) on {cfg.dataset} "
                    f"({len(data.train)} train / {len(data.val)} {data.val_name} images from {data.source}); "
@@ -243,12 +333,34 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
     return 0
 
 
+def _env_record(run_dir: Path, env: dict, cfg: C.TrainConfig) -> dict:
+    """``env.json``: the environment the run started in; a resumed run keeps it and appends its own to
+    ``resumes`` (an unreadable earlier file is replaced)."""
+    if cfg.resume:
+        try:
+            first = json.loads((run_dir / "env.json").read_text())
+        except (OSError, ValueError):
+            first = None
+        if isinstance(first, dict):
+            first.setdefault("resumes", []).append({**env, "resumed_from": resume_paths(cfg.resume)[1].name})
+            return first
+    return env
+
+
+def _complete(summary: dict) -> bool:
+    """Whether a summary holds the finished run's test figures (finite numbers)."""
+    return all(isinstance(summary.get(k), (int, float)) and math.isfinite(summary[k])
+               for k in ("top1", "top5", "loss"))
+
+
 def _finish(cfg, dist, data, trainer, module, ema, meta, run_dir, val_loader, local_batch, t0, n_params) -> dict:
     """Final evaluation on the test split, weights as safetensors, plot, ``summary.json``."""
     from ..data import ShardSampler
 
     device = dist.device
     final = dict(trainer.last_eval)
+    if "val_top1" not in final:  # resumed after its last epoch but before this evaluation: evaluate now
+        final = trainer.validate()
     test = {"top1": final.get("val_top1"), "top5": final.get("val_top5"), "loss": final.get("val_loss")}
     test_ema = {"top1": final.get("val_top1_ema"), "top5": final.get("val_top5_ema"),
                 "loss": final.get("val_loss_ema")}
@@ -273,6 +385,8 @@ def _finish(cfg, dist, data, trainer, module, ema, meta, run_dir, val_loader, lo
         summary.update(top1_ema=test_ema["top1"], top5_ema=test_ema["top5"], loss_ema=test_ema["loss"])
     if p.bad_examples:
         summary["bad_examples"] = p.bad_examples
+    if not _complete(summary):
+        raise RuntimeError(f"the final evaluation gave no test figures ({test}); the run directory was left as it was")
     if dist.is_main:
         save_safetensors(run_dir / "model.safetensors", module.state_dict(), {**meta, "top1": summary["top1"]})
         if ema is not None:
@@ -283,7 +397,7 @@ def _finish(cfg, dist, data, trainer, module, ema, meta, run_dir, val_loader, lo
                          title=f"{cfg.model} on {cfg.dataset}: test top-1 {summary['top1']:.2f}%")
         except Exception as err:  # noqa: BLE001  (a plot must never fail a finished run)
             print(f"sasa train: warning: could not draw metrics.png: {err}", file=sys.stderr)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -388,7 +502,7 @@ def evaluate_weights(path: str | os.PathLike, *, dataset: str | None = None, dat
               "unreadable": res["bad"]}
     out = Path(output) if output else weights.with_name(f"{weights.stem}.eval-{dataset}-{split}.json")
     if dist.is_main:
-        out.write_text(json.dumps(result, indent=2))
+        atomic_write_text(out, json.dumps(result, indent=2))
     result["json"] = str(out)
     return result
 
