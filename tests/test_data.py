@@ -69,7 +69,23 @@ def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as info:
         fm.locate(tmp_path / "empty")
-    assert "--data-dir" in str(info.value) and str(tmp_path / "empty") in str(info.value)
+    assert f"into {tmp_path / 'empty'}" in str(info.value) and "missing train-images-idx3-ubyte" in str(info.value)
+
+
+def test_fashion_mnist_named_folder_is_never_replaced(tmp_path, monkeypatch):
+    """An empty or incomplete named folder is an error even when Debian's copy is there to fall back on."""
+    monkeypatch.setattr(fm, "DEBIAN_DIR", _fake_fashion(tmp_path / "debian"))
+    monkeypatch.setenv("SASA_NO_DOWNLOAD", "1")
+    assert fm.locate(None) == tmp_path / "debian"  # nothing named: the Debian package
+    (tmp_path / "empty").mkdir()
+    partial = _fake_fashion(tmp_path / "partial")
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    for named, missing in ((tmp_path / "empty", "train-images-idx3-ubyte"), (partial, "t10k-labels-idx1-ubyte")):
+        with pytest.raises(FileNotFoundError, match=f"missing .*{missing}") as info:
+            fm.locate(named)
+        assert str(tmp_path / "debian") not in str(info.value) and "apt-get install" in str(info.value)
+        with pytest.raises(FileNotFoundError, match=str(named)):
+            build_data("fashion-mnist", data_dir=named)
 
 
 @pytest.mark.skipif(not fm.DEBIAN_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")

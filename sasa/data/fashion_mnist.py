@@ -2,12 +2,14 @@
 
 The default dataset of ``sasa train``. Lookup order (the first that has the four IDX files wins):
 
-1. ``data_dir`` (``--data-dir``): the files as ``*-ubyte.gz`` or uncompressed, or torchvision's
-   ``FashionMNIST/raw/`` layout below it;
-2. ``/usr/share/datasets/fashion-mnist``: Debian's ``dataset-fashion-mnist`` package (``make data`` installs it);
-3. torchvision's downloader into ``data_dir`` (or ``~/.cache/sasa``) when the network allows
-   (``SASA_NO_DOWNLOAD=1`` skips this step);
-4. otherwise ``FileNotFoundError`` saying how to get the files.
+1. with ``data_dir`` (``--data-dir``) named: the files there (as ``*-ubyte.gz`` or uncompressed, or torchvision's
+   ``FashionMNIST/raw/`` layout below it), else torchvision's downloader into it when the network allows; a named
+   folder is never replaced by another source;
+2. without: ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package, which ``make data``
+   installs), then ``~/.cache/sasa`` (filled by torchvision's downloader when the network allows);
+3. otherwise ``FileNotFoundError`` listing what was looked for where, and how to get the files.
+
+``SASA_NO_DOWNLOAD=1`` skips the download step.
 
 The images stay in memory as one uint8 tensor ``(N, 1, 28, 28)``; samples are returned untransformed
 (``(uint8 tensor (1, 28, 28), label)``) and ``sasa.data.transforms`` does the rest.
@@ -73,19 +75,30 @@ def _download(root: Path) -> bool:
     return _folder_has_all(root)
 
 
+def _missing(folder: Path) -> list[str]:
+    return [n for names in FILES.values() for n in names if _find_file(folder, n) is None]
+
+
 def locate(data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Path:
-    """The folder holding the four Fashion-MNIST files, following the lookup order of the module docstring."""
-    candidates = ([Path(data_dir)] if data_dir else []) + [DEBIAN_DIR]
+    """The folder holding the four Fashion-MNIST files, following the lookup order of the module docstring.
+
+    A named ``data_dir`` is used or rejected: its files, or a download into it, and never another source.
+    """
+    candidates = [Path(data_dir)] if data_dir else [DEBIAN_DIR, Path.home() / ".cache" / "sasa"]
     for folder in candidates:
         if folder.is_dir() and _folder_has_all(folder):
             return folder
-    if download:
-        root = Path(data_dir) if data_dir else Path.home() / ".cache" / "sasa"
-        if _download(root):
-            return root
-    searched = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"{HOW_TO_GET}\n(searched: {searched}; download: "
-                            f"{'failed or offline' if download else 'disabled'})")
+    root = candidates[-1]
+    if download and _download(root):
+        return root
+    looked = "; ".join(f"{c}: " + ("no such folder" if not c.is_dir() else "missing " + ", ".join(_missing(c)))
+                       for c in candidates)
+    how = HOW_TO_GET
+    if data_dir:
+        how = how.replace("into a folder and pass --data-dir FOLDER", f"into {data_dir}").replace(
+            "/usr/share/datasets/fashion-mnist)", "/usr/share/datasets/fashion-mnist) and leave out --data-dir")
+    raise FileNotFoundError(f"{how}\n(looked for {', '.join(n + '[.gz]' for ns in FILES.values() for n in ns)} "
+                            f"in {looked}; download into {root}: {'failed or offline' if download else 'disabled'})")
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
