@@ -4,21 +4,30 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data train test test-triton36 test-all lint bench clean
+.PHONY: setup data train test test-triton36 lint bench clean
+
+# PyPI's torch is the CUDA build (about 5.7 GB with its CUDA libraries); README "Install" gives the alternatives.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+VENV_FLAGS ?=
 
 $(BIN)/sasa: pyproject.toml
-	$(PY) -m venv $(VENV)
+	@echo "setting up $(VENV): $(if $(TORCH),$(TORCH),the torch of $(PY)) and sasa[dev] (README: Install)"
+	$(PY) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install -q "torch>=2.5" "torchvision>=0.20"
+	$(if $(TORCH),$(BIN)/pip install -q $(TORCH) || $(BIN)/pip install -q "torch>=2.5" "torchvision>=0.20")
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/sasa
 
-# Fashion-MNIST from Debian's package when apt is available (the default dataset of `sasa train`).
+# Fashion-MNIST (30 MB) from Debian's package, the default dataset of `sasa train`: needs root and apt-get;
+# without them it says so and `sasa train` looks in ~/.cache/sasa or downloads.
 data:
-	@test -d $(FMNIST) || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
-		|| echo "dataset-fashion-mnist not installed: sasa train will try --data-dir or a download")
+	@if [ -d $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's dataset-fashion-mnist (30 MB) with apt-get"; \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else echo "not installing dataset-fashion-mnist (needs root and apt-get): sasa train will use --data-dir or download"; fi
 
 train: setup data
 	$(BIN)/sasa train
