@@ -16,9 +16,8 @@ from .layers import AttentionStem, SelfAttention2d
 from .layers.convert import convert_to_attention
 from .models import create_model, list_models
 from .timm_compat import register_when_timm_imported
+from .version import __version__
 from .viz.maps import attention_maps
-
-__version__ = "0.1.0"
 
 register_when_timm_imported()
 

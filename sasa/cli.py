@@ -313,16 +313,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Modules of the optional extras (pyproject.toml) -> the extra that brings them.
+EXTRAS = {"yaml": "train", "tqdm": "train", "matplotlib": "train", "safetensors": "train", "numpy": "train",
+          "pycocotools": "detection", "timm": "timm"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"sasa {args.command}: error: {err}", file=sys.stderr)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        try:
+            return int(args.func(args) or 0)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            print(f"sasa {args.command}: error: {err}", file=sys.stderr)
+            return 2
+    except ModuleNotFoundError as err:
+        extra = EXTRAS.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"sasa: error: needs {err.name}, which the library alone does not install: "
+              f"pip install 'sasa-vision[{extra}]'", file=sys.stderr)
         return 2
 
 

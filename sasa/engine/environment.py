@@ -56,7 +56,7 @@ def collect_environment(device: torch.device, world_size: int = 1) -> dict:
     """A JSON-serialisable record of the software and hardware of this run."""
     import torchvision
 
-    from .. import __version__
+    from ..version import __version__
     from .cpu_memory import allocator_state
 
     return {
