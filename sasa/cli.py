@@ -201,82 +201,57 @@ def _run_eval(args) -> int:
     return 0
 
 
-def _add_detect_common(p) -> None:
-    p.add_argument("--config", help="YAML recipe (configs/coco_retinanet_*.yaml); flags override it")
-    p.add_argument("--data-dir", help="COCO-format root: image folders + annotation JSON files")
-    p.add_argument("--output", help="run directory (default: runs/detect/<detector>)")
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--amp", choices=["none", "bf16"], help="bf16 autocast (CUDA)")
-    p.add_argument("--workers", type=int, help="data-loading processes per rank")
-    p.add_argument("--image-size", type=int, help="crop / evaluation size (paper: 640)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _detect_overrides(args, keys: tuple[str, ...]) -> dict:
-    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if args.quiet:
-        out["progress"] = False
-    return out
-
-
 def _add_detect_train(sub) -> None:
+    from .engine.config import add_flags
+    from .engine.rundir import PREVIOUS
+
     p = sub.add_parser("detect-train", help="train RetinaNet (SASA backbones, conv/attention heads) on COCO-format "
                                             "data; works under torchrun",
-                       description="Train a RetinaNet. Values: built-in defaults < --config FILE < flags. Under "
-                                   "`torchrun --nproc_per_node=N` the same command trains with DDP (--batch-size is "
-                                   "global). SIGINT/SIGTERM save last.pt and exit; --resume continues.")
-    _add_detect_common(p)
-    p.add_argument("--detector", help="one of the paper's five rows, e.g. retinanet_sasa_resnet50_attnheads")
-    p.add_argument("--backbone", help="registered model name (sasa info --list)")
-    p.add_argument("--heads", choices=["conv", "attention"], help="FPN + class/box heads")
-    p.add_argument("--num-classes", type=int, help="default: the dataset's number of categories")
-    p.add_argument("--weights-backbone", help="ImageNet checkpoint of `sasa train` (.safetensors or .pt)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch over all ranks")
-    p.add_argument("--lr", type=float, help="learning rate at --lr-batch images (scaled linearly)")
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke runs)")
-    p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue RUN_DIR (or its last.pt) with its config.yaml; 'auto': OUTPUT/last.pt if present")
+                       description="Train a RetinaNet. Values: built-in defaults (the paper's recipe) < --config FILE "
+                                   "< flags; every config key is a flag, as for `sasa train`. Under `torchrun "
+                                   "--nproc_per_node=N` the same command trains with DDP (--batch-size is global). "
+                                   "SIGINT/SIGTERM save last.pt and exit; --resume RUN_DIR continues.")
+    p.add_argument("--config", help="YAML recipe (configs/coco_retinanet_*.yaml); flags override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (or from "
+                   f"a checkpoint file in it, e.g. RUN_DIR/{PREVIOUS}); a finished run is left as it is")
+    from .detection.config import DetectConfig
+
+    add_flags(p, DetectConfig)
     p.set_defaults(func=_run_detect_train)
 
 
 def _run_detect_train(args) -> int:
-    from pathlib import Path
+    from .detection.config import DetectConfig
+    from .detection.engine import config_for_resume, train
+    from .engine import config as cfg_mod
 
-    from .detection.engine import load_config, run_name, train
-    from .engine.classify import NonFiniteLossError
-    from .engine.distributed import cleanup
-
-    keys = ("data_dir", "output", "device", "amp", "workers", "image_size", "detector", "backbone", "heads",
-            "num_classes", "weights_backbone", "epochs", "batch_size", "lr", "max_steps", "eval_every")
-    config = args.config
-    if args.resume not in (None, "auto"):  # a run directory or its last.pt: that run's config and directory
-        run = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        if config is None and (run / "config.yaml").is_file():
-            config = run / "config.yaml"
-        if args.output is None:
-            args.output = str(run)
-    cfg = load_config(config, **_detect_overrides(args, keys))
-    if args.output is None and cfg["output"] == "runs/detect":
-        cfg["output"] = f"runs/detect/{run_name(cfg)}"
-    try:
-        summary = train(cfg, resume=args.resume)
-    except NonFiniteLossError as err:
-        print(f"sasa detect-train: error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup()
-    return 128 + int(summary["signum"] or 15) if summary["status"] == "stopped" else 0
+    if args.resume == "auto":
+        raise cfg_mod.ConfigError("--resume auto was removed: pass the run directory, --resume RUN_DIR")
+    overrides = cfg_mod.overrides_from_args(args, DetectConfig)
+    if args.resume:
+        cfg = config_for_resume(args.resume, overrides)
+    else:
+        cfg = cfg_mod.resolve(args.config, overrides, schema=DetectConfig)
+    return train(cfg)
 
 
 def _add_detect_eval(sub) -> None:
+    from .engine.config import AMP
+
     p = sub.add_parser("detect-eval", help="COCO mAP of a detect-train checkpoint; --draw N writes PNG drawings",
                        description="Evaluate a detect-train checkpoint with pycocotools' COCOeval (mAP, AP50, AP75, "
                                    "APs/m/l), print a table and write OUTPUT/coco_eval.json and detections.json. The "
                                    "detector is rebuilt from the checkpoint's own config.")
-    p.add_argument("checkpoint", help="last.pt of a detect-train run")
-    _add_detect_common(p)
+    p.add_argument("checkpoint", help="last.pt (or best.pt) of a detect-train run")
+    p.add_argument("--config", help="YAML recipe (configs/coco_retinanet_*.yaml); the checkpoint's config overrides it")
+    p.add_argument("--data-dir", help="COCO-format root: image folders + annotation JSON files")
+    p.add_argument("--output", help="folder for coco_eval.json, detections.json and drawings (default: "
+                                    "CHECKPOINT_DIR/eval)")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--amp", choices=AMP, help="bf16 autocast: auto = on for CUDA, off for CPU")
+    p.add_argument("--workers", type=int, help="data-loading processes per rank")
+    p.add_argument("--image-size", type=int, help="evaluation size (paper: 640)")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
     p.add_argument("--val-images", help="image folder under --data-dir (default: the config's, val2017)")
     p.add_argument("--val-ann", help="annotation JSON under --data-dir")
     p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="images per rank and batch")
@@ -286,15 +261,12 @@ def _add_detect_eval(sub) -> None:
 
 
 def _run_detect_eval(args) -> int:
-    from pathlib import Path
-
     from .detection.engine import evaluate_checkpoint
     from .engine.distributed import cleanup
 
-    keys = ("data_dir", "output", "device", "amp", "workers", "image_size", "val_images", "val_ann",
+    keys = ("data_dir", "output", "device", "amp", "workers", "image_size", "quiet", "val_images", "val_ann",
             "eval_batch_size", "eval_max_images")
-    overrides = _detect_overrides(args, keys)
-    overrides.setdefault("output", str(Path(args.checkpoint).parent / "eval"))
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         evaluate_checkpoint(args.checkpoint, config_file=args.config, overrides=overrides, draw=args.draw)
     finally:

@@ -22,10 +22,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import sasa
 from sasa.detection import DETECTORS, create_detector, detector_flops
 from sasa.detection.coco_eval import coco_evaluate, format_table, to_coco_records
+from sasa.detection.config import DetectConfig
 from sasa.detection.data import CocoDetection, collate, train_transforms, write_shapes_coco
 from sasa.detection.draw import draw_detections
 from sasa.detection.retinanet import _DenseForward
-from sasa.engine.checkpoint import CheckpointError, save_checkpoint, save_safetensors
+from sasa.engine import config as C
+from sasa.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
 from sasa.layers import SelfAttention2d
 
 # The five rows of SPEC section 4 at 80 classes, BatchNorm affine weights counted as parameters (FrozenBN, which
@@ -73,16 +75,14 @@ def shapes(tmp_path_factory) -> Path:
     return root
 
 
-def shapes_config(root: Path, out: Path, **overrides) -> dict:
-    from sasa.detection.engine import load_config
-
+def shapes_config(root: Path, out: Path, **overrides) -> DetectConfig:
     base = {"backbone": "test_resnet", "heads": "conv", "data_dir": str(root), "train_images": "train/images",
             "train_ann": "train.json", "val_images": "val/images", "val_ann": "val.json", "image_size": 96,
             "scale_range": [0.9, 1.1], "fpn_channels": 64, "attention_heads": 4,
             "anchor_sizes": [24, 48, 96, 192, 384], "anchor_scales": 1, "aspect_ratios": [1.0], "batch_size": 8,
-            "lr": 0.02, "lr_batch": 8, "warmup_epochs": 2, "grad_clip": 5.0, "workers": 0, "log_every": 8,
-            "checkpoint_every": 0, "eval_every": 0, "output": str(out), "progress": False, "device": "cpu"}
-    return load_config(None, **{**base, **overrides})
+            "lr": 0.02, "lr_base_batch": 8, "warmup_epochs": 2, "grad_clip": 5.0, "workers": 0, "log_every": 8,
+            "checkpoint_every": 0, "eval_every": 0, "output": str(out), "quiet": True, "device": "cpu", "threads": None}
+    return C.resolve(None, {**base, **overrides}, schema=DetectConfig)
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -378,9 +378,10 @@ def test_training_on_shapes_learns_and_cli_evaluates(shapes, tmp_path, capsys):
     torch.manual_seed(0)
     cfg = shapes_config(shapes, tmp_path / "run", epochs=40, max_steps=320)
     t0 = time.perf_counter()
-    summary = train(cfg)
+    assert train(cfg) == 0
     seconds = time.perf_counter() - t0
     run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in steps if r["kind"] == "step"]
     metrics = summary["metrics"]
@@ -389,9 +390,8 @@ def test_training_on_shapes_learns_and_cli_evaluates(shapes, tmp_path, capsys):
     assert summary["status"] == "max_steps" and summary["step"] == 320
     assert sum(losses[-3:]) / 3 < 0.6 * losses[0]
     assert metrics["map"] > 10 and metrics["map50"] > 25
-    for name in ("last.pt", "metrics.png", "coco_eval.json", "config.yaml"):
+    for name in ("last.pt", "last.prev.pt", "metrics.png", "summary.json", "config.yaml", "env.json"):
         assert (run / name).is_file(), name
-    assert json.loads((run / "coco_eval.json").read_text())["metrics"]["map"] == pytest.approx(metrics["map"])
 
     out = tmp_path / "eval"
     assert main(["detect-eval", str(run / "last.pt"), "--output", str(out), "--draw", "3", "--quiet",
@@ -427,18 +427,20 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_torchrun_training(shapes, tmp_path):
     """``torchrun --nproc_per_node=2 -m sasa detect-train`` (gloo on CPU): a global batch split over 2 ranks."""
-    cfg = shapes_config(shapes, tmp_path / "run", max_steps=4, epochs=1, eval_max_images=4, log_every=2)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "output"}))
+    cfg = shapes_config(shapes, tmp_path / "run", max_steps=4, epochs=1, warmup_epochs=1, eval_max_images=4,
+                        log_every=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({k: v for k, v in C.to_dict(cfg).items()
+                                                     if k not in ("output", "resume")}))
     proc = torchrun("detect-train", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "global batch 8 = 2 x 4" in proc.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == [2, 4]
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["global_step"] == 4
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["progress"]["global_step"] == 4
 
 
 def test_bf16_autocast_keeps_anchors_and_losses_float32():
-    from sasa.detection.engine import enable_bf16_
+    from sasa.detection.task import enable_bf16_
 
     model = tiny("attention/full-attention", min_size=64, max_size=64)
     enable_bf16_(model)
@@ -451,8 +453,12 @@ def test_bf16_autocast_keeps_anchors_and_losses_float32():
     assert out[0]["boxes"].dtype == torch.float32
 
 
-def test_stop_resume_and_checkpoint_checks(shapes, tmp_path, monkeypatch):
-    """A signal mid-epoch saves last.pt; --resume continues at the same step; a mismatched run is refused."""
+def test_stop_resume_and_checkpoint_checks(shapes, tmp_path, monkeypatch, capsys):
+    """A signal mid-epoch saves last.pt (exit 143); --resume continues at the same step through the shared path;
+    a run whose config names another detector is refused, naming the difference."""
+    import shutil
+
+    from sasa.cli import main
     from sasa.detection import engine
     from sasa.engine.signals import GracefulStop
 
@@ -464,39 +470,86 @@ def test_stop_resume_and_checkpoint_checks(shapes, tmp_path, monkeypatch):
             StopAtThirdPoll.polls += 1
             return StopAtThirdPoll.polls >= 3
 
-    cfg = shapes_config(shapes, tmp_path / "run", image_size=64, fpn_channels=16, batch_size=4, lr_batch=4,
+    run = tmp_path / "run"
+    cfg = shapes_config(shapes, run, image_size=64, fpn_channels=16, batch_size=4, lr_base_batch=4,
                         epochs=2, eval_every=0, eval_max_images=4, log_every=1)
     monkeypatch.setattr(engine, "GracefulStop", StopAtThirdPoll)
-    summary = engine.train(cfg)
-    assert summary["status"] == "stopped" and summary["step"] == 3
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert state["position"] == {"epoch": 0, "step_in_epoch": 3, "global_step": 3}
+    assert engine.train(cfg) == 128 + signal.SIGTERM
+    assert f"sasa detect-train --resume {run}" in capsys.readouterr().out
+    progress = load_checkpoint(run / "last.pt")["progress"]
+    assert (progress["epoch"], progress["batches_done"], progress["global_step"]) == (0, 3, 3)
     monkeypatch.setattr(engine, "GracefulStop", GracefulStop)
-    summary = engine.train({**cfg, "max_steps": 20}, resume="auto")
+    assert main(["detect-train", "--resume", str(run), "--max-steps", "20"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "max_steps" and summary["step"] == 20  # 16 steps per epoch: resumed mid-epoch
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if r["kind"] == "step"]
-    assert steps == list(range(1, 21))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 21))
+    assert main(["detect-train", "--resume", str(run), "--lr", "1.0"]) == 2
+    assert "'lr' cannot change on --resume" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    (other / "config.yaml").write_text((other / "config.yaml").read_text().replace("heads: conv", "heads: attention"))
     with pytest.raises(CheckpointError, match="written for heads='conv', this run has heads='attention'"):
-        engine.train({**cfg, "heads": "attention"}, resume=str(tmp_path / "run" / "last.pt"))
+        engine.train(engine.config_for_resume(other, {}))
+
+
+def _snapshot(run: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.iterdir())}
+
+
+def test_finished_run_resume_changes_nothing_and_unreadable_checkpoint_names_the_usable_ones(shapes, tmp_path,
+                                                                                               capsys):
+    """The shared run-directory path: a finished detection run is left alone (exit 0); a corrupt last.pt fails
+    naming last.prev.pt and best.pt with the detection commands; last.prev.pt resumes to more epochs."""
+    from sasa.cli import main
+    from sasa.detection.engine import train
+
+    run = tmp_path / "run"
+    cfg = shapes_config(shapes, run, image_size=64, fpn_channels=16, batch_size=8, lr_base_batch=8, epochs=1,
+                        warmup_epochs=0, checkpoint_every=4, eval_max_images=4, log_every=4)
+    assert train(cfg) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+    before = _snapshot(run)
+    assert main(["detect-train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is complete: 1 epochs, mAP" in out and f"sasa detect-train --resume {run} --epochs N" in out
+    assert _snapshot(run) == before  # not a byte, not a timestamp
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])  # a checkpoint copied half-way
+    assert main(["detect-train", "--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt' is unreadable" in err and f"sasa detect-train --resume {run / 'last.prev.pt'}" in err
+    assert f"sasa detect-eval {run / 'best.pt'}" in err
+    assert main(["detect-train", "--resume", str(run / "last.prev.pt"), "--epochs", "2"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["epochs"], summary["step"], summary["status"]) == (2, 16, "done")
 
 
 def test_config_and_cli_errors(tmp_path, capsys):
     from sasa.cli import main
-    from sasa.detection.engine import load_config
 
     configs = Path(__file__).resolve().parent.parent / "configs"
     for name in DETECTORS:
-        cfg = load_config(configs / f"coco_{name}.yaml")
-        assert (cfg["backbone"], cfg["heads"]) == (DETECTORS[name]["backbone"], DETECTORS[name]["heads"])
-        assert (cfg["batch_size"], cfg["lr"], cfg["epochs"], cfg["image_size"]) == (64, 0.12, 150, 640)
+        cfg = C.resolve(configs / f"coco_{name}.yaml", schema=DetectConfig)
+        assert (cfg.backbone, cfg.heads) == (DETECTORS[name]["backbone"], DETECTORS[name]["heads"])
+        assert (cfg.batch_size, cfg.lr, cfg.lr_base_batch, cfg.epochs, cfg.image_size) == (64, 0.12, 64, 150, 640)
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epochz'\]"):
-        load_config(tmp_path / "bad.yaml")
-    with pytest.raises(ValueError, match="detector must be one of"):
-        load_config(None, detector="retinanet_vgg")
+    with pytest.raises(C.ConfigError, match="unknown config key 'epochz'.*did you mean 'epochs'"):
+        C.resolve(tmp_path / "bad.yaml", schema=DetectConfig)
+    with pytest.raises(C.ConfigError, match="'detector' .*must be one of"):
+        C.resolve(None, {"detector": "retinanet_vgg"}, schema=DetectConfig)
+    # the detection engine's old spellings name the new ones
+    (tmp_path / "old.yaml").write_text("lr_batch: 64\n")
+    with pytest.raises(C.ConfigError, match="'lr_batch' in .*old.yaml was renamed to lr_base_batch"):
+        C.resolve(tmp_path / "old.yaml", schema=DetectConfig)
+    for key, value, new in (("backbone_overrides", {}, "backbone_args"), ("progress", False, "quiet"),
+                            ("amp", "none", "'off'")):
+        with pytest.raises(C.ConfigError, match=f"renamed to {new}"):
+            C.resolve(None, {key: value}, schema=DetectConfig)
     assert main(["detect-train", "--backbone", "test_resnet", "--output", str(tmp_path / "r")]) == 2
     assert "data_dir is not set" in capsys.readouterr().err
+    assert main(["detect-train", "--resume", "auto"]) == 2
+    assert "--resume RUN_DIR" in capsys.readouterr().err
     assert main(["detect-eval", str(tmp_path / "none.pt")]) == 2
     assert "none.pt" in capsys.readouterr().err
 

@@ -7,16 +7,17 @@ Status: builders, attention FPN/heads, COCO data, COCOeval, training/eval loops 
 COCO numbers are not reproduced here (150 epochs at batch 64 need a GPU cluster).
 """
 
-from .heads import AttentionP6P7, AttentionRetinaNetHead, attention_fpn_
-from .retinanet import DETECTORS, create_detector, detector_flops, detector_from_name, detector_table
+import importlib
 
-__all__ = [
-    "DETECTORS",
-    "AttentionP6P7",
-    "AttentionRetinaNetHead",
-    "attention_fpn_",
-    "create_detector",
-    "detector_flops",
-    "detector_from_name",
-    "detector_table",
-]
+_EXPORTS = {"DETECTORS": "config", "AttentionP6P7": "heads", "AttentionRetinaNetHead": "heads",
+            "attention_fpn_": "heads", "create_detector": "retinanet", "detector_flops": "retinanet",
+            "detector_from_name": "retinanet", "detector_table": "retinanet"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Imported on first use, so ``sasa --help`` (which builds ``detect-train``'s flags from ``config``) stays
+    without torchvision's detection models."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

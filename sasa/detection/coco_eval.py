@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..engine.atomic import atomic_write_text
+
 # COCOeval.stats indices 0..5, the paper's columns and the size breakdown
 METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
 LABELS = {"map": "mAP", "map50": "AP50", "map75": "AP75", "map_small": "APs", "map_medium": "APm",
@@ -104,8 +106,5 @@ def write_json(path: str | os.PathLike, payload: dict | list) -> None:
             return [clean(x) for x in v]
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(clean(payload), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(clean(payload), indent=2) + "\n")

@@ -36,21 +36,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ..engine.checkpoint import CheckpointError, load_state_dict_checked, read_weights
 from ..flops import count_flops, count_params
 from ..models import create_model, list_models
+from .config import DETECTORS
 from .heads import AttentionP6P7, AttentionRetinaNetHead, attention_fpn_
 
 HEADS = ("conv", "attention")
 
-# SPEC section 4 (COCO val): name -> backbone, FPN + heads, paper GFLOPs, params (M), mAP, AP50, AP75
-DETECTORS: dict[str, dict] = {
-    "retinanet_resnet50": {"backbone": "resnet50", "heads": "conv", "paper": (182, 33.4, 36.5, 54.3, 39.0)},
-    "retinanet_sasa_resnet50_convstem": {"backbone": "sasa_resnet50_convstem", "heads": "conv",
-                                         "paper": (173, 25.9, 36.8, 54.6, 39.3)},
-    "retinanet_sasa_resnet50": {"backbone": "sasa_resnet50", "heads": "conv", "paper": (173, 25.9, 36.2, 54.0, 38.7)},
-    "retinanet_sasa_resnet50_convstem_attnheads": {"backbone": "sasa_resnet50_convstem", "heads": "attention",
-                                                   "paper": (111, 22.0, 36.6, 54.3, 39.1)},
-    "retinanet_sasa_resnet50_attnheads": {"backbone": "sasa_resnet50", "heads": "attention",
-                                          "paper": (110, 22.0, 36.6, 54.5, 39.2)},
-}
 BACKBONE_LABELS = {"resnet50": "baseline", "sasa_resnet50_convstem": "conv-stem + attention",
                    "sasa_resnet50": "full attention"}
 

@@ -1,10 +1,14 @@
-"""Training configuration: one typed dataclass, YAML files, command-line overrides, validation before any work.
+"""Training configuration: a typed dataclass per task, YAML files, command-line overrides, validation first.
 
-Precedence: the dataclass defaults (the embedded Fashion-MNIST demo; ``configs/default.yaml`` is a commented copy)
-< ``--config FILE`` < command-line flags. ``model_args`` merges key by key instead of being replaced. Every field
-is also a flag (``batch_size`` -> ``--batch-size``; booleans get ``--no-...`` too), so a YAML file and a command
-line say the same things. Unknown keys, wrong types and impossible values raise ``ConfigError`` naming the key,
-the value and what was expected, before any data is read or any model is built.
+``RunConfig`` holds the fields every training task shares (optimisation, execution, run directory); a task's config
+subclasses it: ``TrainConfig`` (classification, ``sasa train``) here, ``DetectConfig`` (``sasa detect-train``) in
+``sasa.detection.config``. Precedence: the dataclass defaults (for ``TrainConfig`` the embedded Fashion-MNIST demo;
+``configs/default.yaml`` is a commented copy) < ``--config FILE`` < command-line flags. Dict fields
+(``model_args``, ``backbone_args``) merge key by key instead of being replaced. Every field is also a flag
+(``batch_size`` -> ``--batch-size``; booleans get ``--no-...`` too), so a YAML file and a command line say the same
+things. Unknown keys, wrong types and impossible values raise ``ConfigError`` naming the key, the value and what was
+expected, before any data is read or any model is built; a key or value that was renamed names its new spelling
+(``RENAMED``).
 
 This module imports no torch: the CLI can validate a config and print help quickly.
 
@@ -19,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import yaml
 
@@ -30,10 +34,10 @@ AUGMENTS = ("crop-flip", "inception", "flip", "none")
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "off")
 DEVICES = ("cpu", "cuda")
-# Keys a resumed run may change; anything else would make the resumed run a different experiment.
-RESUMABLE_OVERRIDES = ("epochs", "quiet", "workers", "threads", "checkpoint_every", "log_every", "device",
-                       "eval_every", "compile")
-
+# Old spellings (the detection engine's own vocabulary until it joined the shared trainer) -> what to write now.
+RENAMED = {"lr_batch": "lr_base_batch", "backbone_overrides": "backbone_args",
+           "progress": "quiet (inverted: progress: false is quiet: true)"}
+RENAMED_VALUES = {("amp", "none"): "off"}
 
 # The Fashion-MNIST demo's model (configs/default.yaml and TRAINING.md say why each value).
 DEMO_MODEL_ARGS = {"width_multiplier": 0.25, "heads": 4, "kernel_size": 7, "padding": "mask",
@@ -44,12 +48,86 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key."""
 
 
-def _f(default, help: str, *, choices: tuple | None = None, flag: bool = True, **kw):
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag}, **kw)
+def _f(default, help: str, *, choices: tuple | None = None, flag: bool = True, bound: str | None = None, **kw):
+    """A config field: its flag's help, its allowed values (``choices``, ``bound``), whether it is a flag."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "bound": bound}, **kw)
+
+
+def _within(value: float, bound: str) -> bool:
+    """Whether ``value`` satisfies ``bound``: ``">= 1"``, ``"> 0"``, ``"in [0, 1)"`` or ``"in [0, 1]"``."""
+    op, _, rest = bound.partition(" ")
+    if op == ">=":
+        return value >= float(rest)
+    if op == ">":
+        return value > float(rest)
+    low, high = (float(x) for x in rest[1:-1].split(","))
+    return low <= value and (value < high if rest.endswith(")") else value <= high)
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """The fields every training task shares; subclasses add their model and data fields and may change defaults."""
+
+    # Keys a resumed run may change; anything else would make the resumed run a different experiment.
+    resumable: ClassVar[tuple[str, ...]] = ("epochs", "quiet", "workers", "threads", "checkpoint_every", "log_every",
+                                            "device", "eval_every", "compile")
+    # optimisation
+    epochs: int = _f(3, "training epochs", bound=">= 1")
+    batch_size: int = _f(128, "global batch size (split evenly across ranks)", bound=">= 1")
+    optimizer: str = _f("adamw", "optimizer (sgd = SGD with momentum, Nesterov if --nesterov)", choices=OPTIMIZERS)
+    lr: float = _f(0.003, "peak learning rate at batch size lr_base_batch (or batch_size when unset)", bound="> 0")
+    lr_base_batch: int | None = _f(None, "if set, lr scales linearly: lr * batch_size / lr_base_batch", bound=">= 1")
+    momentum: float = _f(0.9, "SGD momentum (adamw: beta1)")
+    nesterov: bool = _f(True, "Nesterov momentum for SGD")
+    weight_decay: float = _f(0.05, "weight decay (not on norms, biases, relative/stem embeddings)", bound=">= 0")
+    warmup_epochs: float = _f(0.3, "linear warm-up epochs, then cosine decay", bound=">= 0")
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of the peak", bound=">= 0")
+    ema_decay: float = _f(0.0, "EMA decay of the weights (0: no EMA; EMA weights are evaluated too)", bound="in [0, 1)")
+    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)", bound=">= 0")
+    # execution
+    workers: int = _f(1, "DataLoader worker processes per rank", bound=">= 0")
+    device: str | None = _f(None, "cpu or cuda (default: cuda when available)", choices=DEVICES)
+    amp: str = _f("auto", "bf16 autocast: auto = on for CUDA, off for CPU", choices=AMP)
+    compile: bool = _f(False, "torch.compile the model")
+    sync_bn: bool = _f(False, "synchronise BatchNorm statistics across ranks (DDP)")
+    threads: int | None = _f(1, "torch CPU threads per process (null: torch's choice)", bound=">= 1")
+    seed: int = _f(0, "seed of initialisation, data order and augmentation")
+    # run directory
+    output: str | None = _f(None, "run directory")
+    checkpoint_every: int = _f(0, "also checkpoint every N optimizer steps (0: at epoch ends only)", bound=">= 0")
+    log_every: int = _f(50, "write a metrics.jsonl step record every N steps", bound=">= 1")
+    eval_every: int = _f(1, "evaluate every N epochs (and after the last; 0: after the last only)",
+                         bound=">= 0")
+    quiet: bool = _f(False, "no progress bar: one line per epoch, for logs")
+    resume: str | None = _f(None, "continue the run in this directory from its last checkpoint", flag=False)
+
+    @classmethod
+    def dict_default(cls, name: str, values: dict) -> dict:
+        """The value a dict field starts from when the YAML file does not set it (``values``: the other keys)."""
+        return dict(cls.__dataclass_fields__[name].default_factory())
+
+    def validate(self) -> "RunConfig":
+        """Value checks beyond types (each field's ``bound``); raises ``ConfigError`` naming the key."""
+        for name, f in fields_of(type(self)).items():
+            value, bound = getattr(self, name), f.metadata.get("bound")
+            if bound and value is not None and not _within(value, bound):
+                null = " or null" if _base_type(f.type)[1] else ""
+                raise ConfigError(f"config key {name!r} must be {bound}{null}, got {value}")
+            if _base_type(f.type)[0] is dict:
+                for k, v in value.items():
+                    if not isinstance(k, str):
+                        raise ConfigError(f"config key {name!r} must map names to values, got key {k!r}")
+                    if isinstance(v, list):
+                        value[k] = tuple(v)  # YAML lists -> tuples (attention_stages=(3, 4))
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"config key 'warmup_epochs' ({self.warmup_epochs}) exceeds 'epochs' ({self.epochs})")
+        if getattr(self, "data_dir", None) is not None and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"config key 'data_dir': {self.data_dir!r} does not exist or is not a folder")
+        return self
+
+
+@dataclass
+class TrainConfig(RunConfig):
     """Everything a ``sasa train`` run needs. The defaults are the Fashion-MNIST demo (``configs/default.yaml``)."""
 
     # model
@@ -60,47 +138,30 @@ class TrainConfig:
     # data
     dataset: str = _f("fashion-mnist", "dataset", choices=DATASETS)
     data_dir: str | None = _f(None, "data folder (Fashion-MNIST: optional; imagefolder, cifar: required)")
-    image_size: int | None = _f(None, "input side in pixels (default: 32 for 28-32 px datasets, 224 for folders)")
+    image_size: int | None = _f(None, "input side in pixels (default: 32 for 28-32 px, 224 for folders)", bound=">= 1")
     augment: str | None = _f(None, "training augmentation (default: per dataset)", choices=AUGMENTS)
-    holdout_fraction: float = _f(0.0, "fraction of the training set held out as validation (paper: 0.04)")
+    holdout_fraction: float = _f(0.0, "training set fraction held out as validation (paper: 0.04)", bound="in [0, 1)")
     holdout_seed: int = _f(0, "seed of the hold-out split (independent of --seed)")
-    train_subset: int | None = _f(None, "use only the first N training images")
-    val_subset: int | None = _f(None, "use only the first N validation images")
-    max_bad_fraction: float = _f(0.001, "fraction of unreadable images tolerated (skipped and counted) before failing")
-    workers: int = _f(1, "DataLoader worker processes per rank")
-    # optimisation
-    epochs: int = _f(3, "training epochs")
-    batch_size: int = _f(128, "global batch size (split evenly across ranks)")
-    optimizer: str = _f("adamw", "optimizer (sgd = Nesterov momentum SGD)", choices=OPTIMIZERS)
-    lr: float = _f(0.003, "peak learning rate at batch size lr_base_batch (or at batch_size when that is unset)")
-    lr_base_batch: int | None = _f(None, "if set, lr scales linearly: lr * batch_size / lr_base_batch")
-    momentum: float = _f(0.9, "SGD momentum (adamw: beta1)")
-    nesterov: bool = _f(True, "Nesterov momentum for SGD")
-    weight_decay: float = _f(0.05, "weight decay (not applied to norms, biases, relative/stem embeddings)")
-    warmup_epochs: float = _f(0.3, "linear warm-up epochs, then cosine decay")
-    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of the peak")
-    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy")
-    ema_decay: float = _f(0.0, "EMA decay of the weights (0: no EMA); EMA weights are evaluated beside the raw ones")
-    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)")
-    # execution
-    device: str | None = _f(None, "cpu or cuda (default: cuda when available)", choices=DEVICES)
-    amp: str = _f("auto", "bf16 autocast: auto = on for CUDA, off for CPU", choices=AMP)
+    train_subset: int | None = _f(None, "use only the first N training images", bound=">= 1")
+    val_subset: int | None = _f(None, "use only the first N validation images", bound=">= 1")
+    max_bad_fraction: float = _f(0.001, "fraction of unreadable images skipped before failing", bound="in [0, 1]")
+    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy", bound="in [0, 1)")
     channels_last: bool | None = _f(None, "channels-last memory format (default: on for CUDA)")
-    compile: bool = _f(False, "torch.compile the model")
-    sync_bn: bool = _f(False, "synchronise BatchNorm statistics across ranks (DDP)")
-    threads: int | None = _f(1, "torch CPU threads per process (null: torch's choice)")
-    seed: int = _f(0, "seed of initialisation, data order and augmentation")
-    # run directory
     output: str | None = _f(None, "run directory (default: runs/<model>-<dataset>-<time>)")
-    checkpoint_every: int = _f(0, "also checkpoint every N optimizer steps (0: at epoch ends only)")
-    log_every: int = _f(50, "write a metrics.jsonl step record every N steps")
-    eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
-    quiet: bool = _f(False, "no progress bar: one line per epoch, for logs")
-    resume: str | None = _f(None, "continue the run in this directory from its last checkpoint", flag=False)
+    eval_every: int = _f(1, "evaluate every N epochs (and always after the last)", bound=">= 1")
+
+    @classmethod
+    def dict_default(cls, name: str, values: dict) -> dict:
+        # the default model_args belong to the default model: another model starts from its own defaults
+        return dict(DEMO_MODEL_ARGS) if values.get("model", DEFAULT_MODEL) == DEFAULT_MODEL else {}
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 DEFAULT_MODEL = TrainConfig.model
+
+
+def fields_of(schema: type = TrainConfig) -> dict[str, dataclasses.Field]:
+    """Field name -> dataclass field of a config class."""
+    return {f.name: f for f in dataclasses.fields(schema)}
 
 
 def _base_type(tp) -> tuple[type, bool]:
@@ -114,18 +175,22 @@ def _base_type(tp) -> tuple[type, bool]:
 
 def _type_name(tp) -> str:
     base, optional = _base_type(tp)
-    name = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}[base]
+    name = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
+            list: "a list"}[base]
     return name + (" or null" if optional else "")
 
 
-def check_value(key: str, value: Any, *, source: str = "") -> Any:
+def check_value(key: str, value: Any, *, source: str = "", schema: type = TrainConfig) -> Any:
     """Return ``value`` converted to the type of ``key`` (ints are accepted where numbers are), or raise."""
     where = f" in {source}" if source else ""
-    if key not in FIELDS:
-        close = difflib.get_close_matches(key, FIELDS, n=1)
+    fields = fields_of(schema)
+    if key not in fields:
+        if key in RENAMED:
+            raise ConfigError(f"config key {key!r}{where} was renamed to {RENAMED[key]}")
+        close = difflib.get_close_matches(key, fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown config key {key!r}{where}{hint}; valid keys: {', '.join(FIELDS)}")
-    f = FIELDS[key]
+        raise ConfigError(f"unknown config key {key!r}{where}{hint}; valid keys: {', '.join(fields)}")
+    f = fields[key]
     base, optional = _base_type(f.type)
     if value is None:
         if optional:
@@ -133,19 +198,24 @@ def check_value(key: str, value: Any, *, source: str = "") -> Any:
         raise ConfigError(f"config key {key!r}{where} must be {_type_name(f.type)}, got null")
     ok = (isinstance(value, bool) if base is bool else
           isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
-          isinstance(value, int) and not isinstance(value, bool) if base is int else isinstance(value, base))
+          isinstance(value, int) and not isinstance(value, bool) if base is int else
+          isinstance(value, (list, tuple)) if base is list else isinstance(value, base))
     if not ok:
         raise ConfigError(f"config key {key!r}{where} must be {_type_name(f.type)}, got {value!r} "
                           f"({type(value).__name__})")
     if base is float:
         value = float(value)
+    if base is list:
+        value = list(value)
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"config key {key!r}{where} must be one of {choices}, got {value!r}")
+        new = RENAMED_VALUES.get((key, value))
+        hint = f" ({value!r} was renamed to {new!r})" if new else ""
+        raise ConfigError(f"config key {key!r}{where} must be one of {choices}, got {value!r}{hint}")
     return value
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
+def load_yaml(path: str | os.PathLike, schema: type = TrainConfig) -> dict:
     """A YAML mapping of config keys (validated key by key)."""
     path = Path(path)
     if not path.is_file():
@@ -156,71 +226,30 @@ def load_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
-    return {k: check_value(str(k), v, source=str(path)) for k, v in data.items()}
+    return {k: check_value(str(k), v, source=str(path), schema=schema) for k, v in data.items()}
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Value checks beyond types; raises ``ConfigError`` naming the key."""
-    positive = ("epochs", "batch_size", "log_every", "eval_every")
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("checkpoint_every", "workers", "weight_decay", "warmup_epochs", "label_smoothing", "grad_clip",
-                "min_lr_ratio", "max_bad_fraction"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
-    for key in ("train_subset", "val_subset", "image_size", "threads", "lr_base_batch"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1 or null, got {getattr(cfg, key)}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"config key 'lr' must be > 0, got {cfg.lr}")
-    if not 0 <= cfg.holdout_fraction < 1:
-        raise ConfigError(f"config key 'holdout_fraction' must be in [0, 1), got {cfg.holdout_fraction}")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ConfigError(f"config key 'ema_decay' must be in [0, 1), got {cfg.ema_decay}")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise ConfigError(f"config key 'label_smoothing' must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.max_bad_fraction > 1:
-        raise ConfigError(f"config key 'max_bad_fraction' must be in [0, 1], got {cfg.max_bad_fraction}")
-    if cfg.warmup_epochs > cfg.epochs:
-        raise ConfigError(f"config key 'warmup_epochs' ({cfg.warmup_epochs}) exceeds 'epochs' ({cfg.epochs})")
-    for k, v in cfg.model_args.items():
-        if not isinstance(k, str):
-            raise ConfigError(f"config key 'model_args' must map names to values, got key {k!r}")
-        if isinstance(v, list):
-            cfg.model_args[k] = tuple(v)  # YAML lists -> tuples (attention_stages=(3, 4))
-    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
-        raise ConfigError(f"config key 'data_dir': {cfg.data_dir!r} does not exist or is not a folder")
-    return cfg
-
-
-def resolve(config_file: str | os.PathLike | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults < ``config_file`` < ``overrides`` (flags), validated. ``model_args`` merges key by key."""
+def resolve(config_file: str | os.PathLike | None = None, overrides: dict | None = None, *,
+            schema: type = TrainConfig) -> RunConfig:
+    """Defaults < ``config_file`` < ``overrides`` (flags), validated. Dict fields merge key by key."""
     values: dict = {}
     if config_file is not None:
-        values.update(load_yaml(config_file))
-    flag_model_args: dict = {}
+        values.update(load_yaml(config_file, schema))
+    flag_dicts: dict = {}
     for k, v in (overrides or {}).items():
-        v = check_value(k, v, source="command line")
-        if k == "model_args":
-            flag_model_args = v
-        else:
-            values[k] = v
-    # the default model_args belong to the default model: another model starts from its own defaults
-    if "model_args" in values:
-        model_args = dict(values["model_args"])
-    elif values.get("model", DEFAULT_MODEL) == DEFAULT_MODEL:
-        model_args = dict(TrainConfig().model_args)
-    else:
-        model_args = {}
-    values["model_args"] = {**model_args, **flag_model_args}
-    return validate(TrainConfig(**values))
+        v = check_value(k, v, source="command line", schema=schema)
+        (flag_dicts if isinstance(v, dict) else values)[k] = v
+    for name, f in fields_of(schema).items():
+        if _base_type(f.type)[0] is dict:
+            start = dict(values[name]) if name in values else schema.dict_default(name, values)
+            values[name] = {**start, **flag_dicts.get(name, {})}
+    return schema(**values).validate()
 
 
-def to_dict(cfg: TrainConfig) -> dict:
+def to_dict(cfg: RunConfig) -> dict:
     """Plain dict (tuples become lists) for YAML/JSON and checkpoints."""
     def plain(v):
-        if isinstance(v, tuple):
+        if isinstance(v, tuple | list):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
@@ -229,18 +258,20 @@ def to_dict(cfg: TrainConfig) -> dict:
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def dump_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
+def dump_yaml(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (``resume`` left out: it is not part of the experiment)."""
     data = to_dict(cfg)
     data.pop("resume", None)
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def from_dict(data: dict, *, source: str = "") -> TrainConfig:
+def from_dict(data: dict, *, source: str = "", schema: type = TrainConfig) -> RunConfig:
     """A config from a plain dict (a run directory's ``config.yaml`` or a checkpoint), validated key by key."""
-    values = {k: check_value(k, v, source=source) for k, v in data.items()}
-    values.setdefault("model_args", {})
-    return TrainConfig(**values)
+    values = {k: check_value(k, v, source=source, schema=schema) for k, v in data.items()}
+    for name, f in fields_of(schema).items():
+        if _base_type(f.type)[0] is dict:
+            values.setdefault(name, {})
+    return schema(**values)
 
 
 # ---- command-line flags: one per field ------------------------------------------------------------------------
@@ -276,9 +307,11 @@ def parse_model_args(items: list[str]) -> dict:
     return out
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per config field to ``parser``; unset flags stay absent from the parsed namespace."""
-    for name, f in FIELDS.items():
+def add_flags(parser: argparse.ArgumentParser, schema: type = TrainConfig, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per config field to ``parser`` (but ``skip``); unset flags stay absent from the parsed namespace."""
+    for name, f in fields_of(schema).items():
+        if name in skip:
+            continue
         if not f.metadata.get("flag", True):
             continue
         flag = "--" + name.replace("_", "-")
@@ -290,13 +323,17 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif base is dict:
             parser.add_argument(flag, nargs="+", metavar="KEY=VALUE", **kw)
+        elif base is list:
+            parser.add_argument(flag, nargs="+", type=float, **kw)
         else:
             parser.add_argument(flag, type=base, **kw)
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
+def overrides_from_args(args: argparse.Namespace, schema: type = TrainConfig) -> dict:
     """The config keys given on the command line."""
-    out = {k: getattr(args, k) for k in FIELDS if hasattr(args, k) and FIELDS[k].metadata.get("flag", True)}
-    if "model_args" in out:
-        out["model_args"] = parse_model_args(out["model_args"])
+    fields = fields_of(schema)
+    out = {k: getattr(args, k) for k in fields if hasattr(args, k) and fields[k].metadata.get("flag", True)}
+    for k, v in out.items():
+        if _base_type(fields[k].type)[0] is dict:
+            out[k] = parse_model_args(v)
     return out

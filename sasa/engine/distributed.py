@@ -104,14 +104,6 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size() if is_initialized() else out
 
 
-def reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """Element-wise maximum of ``tensor`` over all ranks (a new tensor): "did any rank see X" for 0/1 flags."""
-    out = tensor.detach().clone()
-    if is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
-
-
 def broadcast_object(obj, src: int = 0):
     """Rank ``src``'s ``obj`` on every rank (e.g. a run directory name chosen by rank 0)."""
     if not (is_initialized() and dist.get_world_size() > 1):

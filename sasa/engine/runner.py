@@ -1,10 +1,7 @@
-"""Wiring for ``sasa train`` and ``sasa eval``: a validated ``TrainConfig`` in, objects built and handed to
-``classify.py``, a run directory out.
-
-A run directory holds ``config.yaml`` (the resolved config), ``env.json`` (versions, device, commit),
-``metrics.jsonl``, ``last.pt`` / ``best.pt`` (atomic, ``weights_only`` checkpoints), and at the end
-``model.safetensors`` (+ ``model_ema.safetensors``), ``metrics.png`` and ``summary.json``. Under ``torchrun``
-only rank 0 writes.
+"""Wiring for ``sasa train`` and ``sasa eval``: a validated ``TrainConfig`` in, objects built and handed to the
+shared ``Trainer`` with a ``ClassificationTask`` (``classify.py``), a run directory out (``rundir.py``: config.yaml,
+env.json, metrics.jsonl, last.pt / last.prev.pt / best.pt, summary.json; resume). At the end this adds
+``model.safetensors`` (+ ``model_ema.safetensors``) and ``metrics.png``. Under ``torchrun`` only rank 0 writes.
 
 Exit codes of ``train``: 0 done; 1 the run failed on its data or its loss (message says which step, which file);
 128 + signal number (130 SIGINT, 143 SIGTERM) when stopped by a signal after saving ``last.pt``.
@@ -17,38 +14,34 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from . import config as C
-from .atomic import atomic_write_text, keep_previous
+from . import rundir
+from .atomic import atomic_write_text
 from .checkpoint import (
     CheckpointError,
     check_compatible,
     load_checkpoint,
     load_safetensors,
     load_state_dict_checked,
-    save_checkpoint,
     save_safetensors,
 )
 from .classify import ClassificationTrainer, NonFiniteLossError, TooManyBadSamplesError, evaluate
-from .distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .environment import collect_environment, git_commit
-from .metrics import MetricsLogger, plot_metrics
+from .metrics import plot_metrics
+from .rundir import LAST, say
 from .signals import GracefulStop
+from .trainer import amp_dtype
 
-LAST, BEST, PREVIOUS = "last.pt", "best.pt", "last.prev.pt"  # PREVIOUS: the checkpoint before LAST
-
-
-def _say(dist: DistInfo, msg: str) -> None:
-    if dist.is_main:
-        print(msg, flush=True)
-
+COMMAND = "sasa train"
 
 def precheck(cfg: C.TrainConfig) -> None:
     """Checks that need no data and no model weights: the model name and its overrides, the data location."""
@@ -69,120 +62,6 @@ def precheck(cfg: C.TrainConfig) -> None:
         raise C.ConfigError(f"config key 'data_dir': {err}") from err
 
 
-def resume_paths(resume: str | os.PathLike) -> tuple[Path, Path]:
-    """``(run directory, checkpoint)`` of ``--resume``: a run directory (its ``last.pt``) or a checkpoint in one."""
-    path = Path(resume)
-    if path.is_file():
-        return path.parent, path
-    return path, path / LAST
-
-
-def _checkpoint_summary(path: Path) -> str | None:
-    """``"epoch 2, step 15, full training state"`` for a readable checkpoint, ``None`` for an unreadable one."""
-    try:
-        state = load_checkpoint(path)
-        p = state["progress"]
-    except (CheckpointError, FileNotFoundError, KeyError, TypeError):
-        return None
-    kind = "full training state" if "optimizer" in state else "weights only"
-    where = (f"end of epoch {p['epoch']}" if not p.get("batches_done") else
-             f"epoch {p['epoch'] + 1}, batch {p['batches_done']}")
-    return f"{where}, global step {p['global_step']}; {kind}"
-
-
-def unusable_checkpoint_message(run_dir: Path, ckpt: Path, reason: str) -> str:
-    """The error for a checkpoint that cannot be resumed from: what else in ``run_dir`` is usable, and how."""
-    lines = [f"--resume {str(run_dir)!r}: {reason}", "usable files in the run directory:"]
-    found = False
-    previous = run_dir / PREVIOUS
-    if previous != ckpt and (about := _checkpoint_summary(previous)):
-        lines.append(f"  {PREVIOUS} ({about}): continue training from it with\n"
-                     f"      sasa train --resume {previous}")
-        found = True
-    if (about := _checkpoint_summary(run_dir / BEST)):
-        lines.append(f"  {BEST} (best validation accuracy, {about}): evaluate or export it with\n"
-                     f"      sasa eval {run_dir / BEST}")
-        found = True
-    if (run_dir / "model.safetensors").is_file():
-        lines.append(f"  model.safetensors (final weights): sasa eval {run_dir / 'model.safetensors'}")
-        found = True
-    if not found:
-        lines.append("  none")
-    if (run_dir / "config.yaml").is_file():
-        lines.append(f"or start the same run again: sasa train --config {run_dir / 'config.yaml'} --output NEW_DIR")
-    return "\n".join(lines)
-
-
-def _load_resume_checkpoint(run_dir: Path, ckpt: Path, map_location="cpu") -> dict:
-    try:
-        return load_checkpoint(ckpt, map_location=map_location)
-    except CheckpointError as err:
-        raise CheckpointError(unusable_checkpoint_message(run_dir, ckpt, str(err))) from err
-
-
-def config_for_resume(resume: str | os.PathLike, overrides: dict) -> C.TrainConfig:
-    """The config saved in the run directory, with the few keys a resumed run may change
-    (``RESUMABLE_OVERRIDES``). ``resume`` is a run directory (resumes from its ``last.pt``) or a checkpoint file
-    inside one (e.g. ``last.prev.pt``, the checkpoint before ``last.pt``)."""
-    run_dir, ckpt = resume_paths(resume)
-    if not ckpt.is_file():
-        if not run_dir.is_dir():
-            raise C.ConfigError(f"--resume {str(resume)!r}: no such run directory")
-        raise C.ConfigError(unusable_checkpoint_message(
-            run_dir, ckpt, f"no {ckpt.name} there (not a run directory, or it never reached its first checkpoint)"))
-    import yaml
-
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
-    if saved is None:
-        saved = _load_resume_checkpoint(run_dir, ckpt)["config"]
-    cfg = C.from_dict(saved, source=str(run_dir / "config.yaml"))
-    for k, v in overrides.items():
-        if k in ("resume", "config"):
-            continue
-        if k not in C.RESUMABLE_OVERRIDES and v != getattr(cfg, k):
-            raise C.ConfigError(f"config key {k!r} cannot change on --resume ({getattr(cfg, k)!r} -> {v!r}); "
-                                f"only {', '.join(C.RESUMABLE_OVERRIDES)} can")
-        setattr(cfg, k, C.check_value(k, v, source="command line"))
-    cfg.resume = str(ckpt if ckpt.name != LAST else run_dir)
-    cfg.output = str(run_dir)
-    return C.validate(cfg)
-
-
-def _finished_summary(cfg: C.TrainConfig) -> dict | None:
-    """The run's ``summary.json`` when ``--resume`` names a run that has nothing left to do: its checkpoint has
-    trained ``cfg.epochs`` epochs (or more) and its summary is complete. ``None`` when there is work left."""
-    run_dir, ckpt = resume_paths(cfg.resume)
-    state = _load_resume_checkpoint(run_dir, ckpt)
-    check_compatible(state.get("meta", {}), model=cfg.model, source=str(ckpt))
-    epoch = state["progress"]["epoch"]
-    if epoch < cfg.epochs:
-        return None
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None  # trained to the end but stopped before its final evaluation: finish it
-    if not isinstance(summary, dict) or summary.get("epochs") != epoch or not _complete(summary):
-        return None
-    return summary
-
-
-def _run_dir(cfg: C.TrainConfig, dist: DistInfo) -> Path:
-    if cfg.resume:
-        return resume_paths(cfg.resume)[0]
-    name = cfg.output or os.path.join("runs", f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = Path(broadcast_object(name))
-    if (run_dir / LAST).exists():
-        raise C.ConfigError(f"config key 'output': {str(run_dir)!r} already holds a run ({LAST}); continue it with "
-                            f"--resume {run_dir} or choose another --output")
-    return run_dir
-
-
-def _amp_dtype(cfg: C.TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def _model_meta(cfg: C.TrainConfig, data) -> dict:
     return {"model": cfg.model, "model_args": C.to_dict(cfg)["model_args"], "num_classes": data.num_classes,
             "in_chans": data.in_chans, "image_size": data.image_size, "dataset": cfg.dataset}
@@ -197,16 +76,22 @@ def _loader(dataset, sampler, batch_size: int, cfg: C.TrainConfig, device: torch
                       persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
 
 
+def _check(cfg: C.TrainConfig, num_classes: int | None = None) -> Callable[[dict, str], None]:
+    return lambda meta, source: check_compatible(meta, model=cfg.model, num_classes=num_classes, source=source)
+
+
+def config_for_resume(resume: str | os.PathLike, overrides: dict) -> C.TrainConfig:
+    """The config saved in the run directory ``resume`` names, with the keys a resumed run may change."""
+    return rundir.config_for_resume(resume, overrides, schema=C.TrainConfig, command=COMMAND)
+
+
 def train(cfg: C.TrainConfig) -> int:
     """Run (or resume) a training run described by ``cfg``; returns the process exit code."""
     t0 = time.time()
     precheck(cfg)
-    if cfg.resume and (summary := _finished_summary(cfg)) is not None:
-        run_dir = resume_paths(cfg.resume)[0]
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"sasa train: {run_dir} is complete: {summary['epochs']} epochs, test top-1 {summary['top1']:.2f}% "
-                  f"(summary.json); nothing to do, nothing changed.\nTo train it further: sasa train --resume "
-                  f"{run_dir} --epochs N (N > {summary['epochs']})", flush=True)
+    if cfg.resume and (summary := rundir.finished_summary(cfg, check=_check(cfg), complete=_complete,
+                                                          command=COMMAND)) is not None:
+        rundir.say_finished(rundir.resume_paths(cfg.resume)[0], summary, f"test top-1 {summary['top1']:.2f}%")
         return 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -229,13 +114,15 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
     if cfg.batch_size % dist.world_size:
         raise C.ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the number of "
                             f"processes ({dist.world_size})")
-    run_dir = _run_dir(cfg, dist)
     local_batch = cfg.batch_size // dist.world_size
     device = dist.device
 
     data = build_data(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, augment=cfg.augment,
                       holdout_fraction=cfg.holdout_fraction, holdout_seed=cfg.holdout_seed,
                       train_subset=cfg.train_subset, val_subset=cfg.val_subset, seed=cfg.seed)
+    run = rundir.RunDirectory(cfg, dist, command=COMMAND, meta=_model_meta(cfg, data), default_name=os.path.join(
+        "runs", f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    run.started = t0
     torch.manual_seed(cfg.seed)
     module = create_model(cfg.model, num_classes=data.num_classes, **{"in_chans": data.in_chans, **cfg.model_args})
     if cfg.sync_bn and dist.distributed:
@@ -260,91 +147,37 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
                                 momentum=cfg.momentum, nesterov=cfg.nesterov)
     scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * max(steps_per_epoch, 1),
                                 warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), min_ratio=cfg.min_lr_ratio)
-    logger = MetricsLogger(run_dir, enabled=dist.is_main)
-    meta = _model_meta(cfg, data)
-    segment_start = t0
-
-    trainer: ClassificationTrainer | None = None
-
-    # last.pt is linked to last.prev.pt before each new one replaces it, so a checkpoint that turns out unreadable
-    # (a disk error, a file copied half-way) still has a predecessor; not while last.pt is the unreadable one.
-    last_is_good = not cfg.resume or resume_paths(cfg.resume)[1].name == LAST
-
-    def save(kind: str) -> None:
-        nonlocal last_is_good
-        if not dist.is_main:
-            return
-        state = trainer.state_dict()
-        state["progress"]["elapsed_s"] = trainer.progress.elapsed_s + (time.time() - segment_start)
-        if kind == "best":
-            state = {k: state[k] for k in ("model", "ema", "progress") if k in state}
-        state.update(meta=meta, config=C.to_dict(cfg))
-        if kind == "last" and last_is_good:
-            keep_previous(run_dir / LAST, run_dir / PREVIOUS)
-        save_checkpoint(run_dir / (LAST if kind == "last" else BEST), state)
-        last_is_good = last_is_good or kind == "last"
 
     with GracefulStop() as stop:
         trainer = ClassificationTrainer(
             model=model, module=module, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
             val_loader=val_loader, dist=dist, epochs=cfg.epochs, ema=ema, label_smoothing=cfg.label_smoothing,
-            amp_dtype=_amp_dtype(cfg, device), channels_last=channels_last, grad_clip=cfg.grad_clip, logger=logger,
-            log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, save=save,
-            stop=stop, max_bad_fraction=cfg.max_bad_fraction, quiet=cfg.quiet)
-        if cfg.resume:
-            ckpt = resume_paths(cfg.resume)[1]
-            state = _load_resume_checkpoint(run_dir, ckpt, map_location=device)
-            check_compatible(state.get("meta", {}), model=cfg.model, num_classes=data.num_classes, source=str(ckpt))
-            trainer.load_state_dict(state)
-            p = trainer.progress
-            logger.truncate(lambda r: r.get("step", 0) <= p.global_step)
-            _say(dist, f"resuming {run_dir} at epoch {p.epoch + 1}, batch {p.batches_done}/{steps_per_epoch} "
-                       f"(global step {p.global_step})")
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            C.dump_yaml(cfg, run_dir / "config.yaml")
-            env = collect_environment(device, dist.world_size)
-            env.update(data_source=data.source, steps_per_epoch=steps_per_epoch, local_batch=local_batch, lr=lr)
-            atomic_write_text(run_dir / "env.json", json.dumps(_env_record(run_dir, env, cfg), indent=2))
+            amp_dtype=amp_dtype(cfg.amp, device), channels_last=channels_last, grad_clip=cfg.grad_clip,
+            logger=run.logger, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+            eval_every=cfg.eval_every, save=run.save, stop=stop, max_bad_fraction=cfg.max_bad_fraction,
+            quiet=cfg.quiet)
+        env = collect_environment(device, dist.world_size)
+        env.update(data_source=data.source, steps_per_epoch=steps_per_epoch, local_batch=local_batch, lr=lr)
+        run.start(trainer, env, check=_check(cfg, data.num_classes))
         n_params = sum(p.numel() for p in module.parameters())
-        _say(dist, f"sasa train: {cfg.model} ({n_params / 1e6:.2f} M params) on {cfg.dataset} "
-                   f"({len(data.train)} train / {len(data.val)} {data.val_name} images from {data.source}); "
-                   f"{dist.world_size} x {device}, batch {cfg.batch_size}, lr {lr:g}, {cfg.epochs} epochs of "
-                   f"{steps_per_epoch} steps -> {run_dir}")
+        say(dist, f"sasa train: {cfg.model} ({n_params / 1e6:.2f} M params) on {cfg.dataset} "
+                  f"({len(data.train)} train / {len(data.val)} {data.val_name} images from {data.source}); "
+                  f"{dist.world_size} x {device}, batch {cfg.batch_size}, lr {lr:g}, {cfg.epochs} epochs of "
+                  f"{steps_per_epoch} steps -> {run.path}")
         try:
             status = trainer.fit()
         except (NonFiniteLossError, TooManyBadSamplesError) as err:
-            _say(dist, f"sasa train: error: {err}")
+            say(dist, f"sasa train: error: {err}")
             return 1
     if status == "stopped":
-        p = trainer.progress
-        signum = stop.signum or signal.SIGTERM
-        _say(dist, f"sasa train: stopped by {signal.Signals(signum).name} at epoch {p.epoch + 1}, batch "
-                   f"{p.batches_done}/{steps_per_epoch} (global step {p.global_step}); checkpoint saved to "
-                   f"{run_dir / LAST}.\nResume with: sasa train --resume {run_dir}")
-        barrier()
-        return 128 + int(signum)
+        return run.stopped(stop)
 
-    summary = _finish(cfg, dist, data, trainer, module, ema, meta, run_dir, val_loader, local_batch, t0,
+    summary = _finish(cfg, dist, data, trainer, module, ema, run.meta, run.path, val_loader, local_batch, t0,
                       n_params)
     if dist.is_main:
-        _say(dist, format_summary(summary, run_dir))
+        say(dist, format_summary(summary, run.path))
     barrier()
     return 0
-
-
-def _env_record(run_dir: Path, env: dict, cfg: C.TrainConfig) -> dict:
-    """``env.json``: the environment the run started in; a resumed run keeps it and appends its own to
-    ``resumes`` (an unreadable earlier file is replaced)."""
-    if cfg.resume:
-        try:
-            first = json.loads((run_dir / "env.json").read_text())
-        except (OSError, ValueError):
-            first = None
-        if isinstance(first, dict):
-            first.setdefault("resumes", []).append({**env, "resumed_from": resume_paths(cfg.resume)[1].name})
-            return first
-    return env
 
 
 def _complete(summary: dict) -> bool:
@@ -367,7 +200,7 @@ def _finish(cfg, dist, data, trainer, module, ema, meta, run_dir, val_loader, lo
     if data.test is not None:  # validation was a hold-out: report the official test split too
         loader = _loader(data.test, ShardSampler(len(data.test), num_replicas=dist.world_size, rank=dist.rank),
                          local_batch, cfg, device, train=False)
-        amp = _amp_dtype(cfg, device)
+        amp = amp_dtype(cfg.amp, device)
         test = evaluate(module, loader, device=device, amp_dtype=amp, channels_last=trainer.channels_last)
         if ema is not None:
             test_ema = evaluate(ema.module, loader, device=device, amp_dtype=amp, channels_last=trainer.channels_last)
@@ -376,7 +209,7 @@ def _finish(cfg, dist, data, trainer, module, ema, meta, run_dir, val_loader, lo
     summary = {"model": cfg.model, "model_args": C.to_dict(cfg)["model_args"], "params_m": round(n_params / 1e6, 4),
                "dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                "top1": test["top1"], "top5": test["top5"], "loss": test["loss"],
-               "best_val_top1": p.best_top1, "best_epoch": p.best_epoch, "val_split": data.val_name,
+               "best_val_top1": p.best_score, "best_epoch": p.best_epoch, "val_split": data.val_name,
                "wall_s": round(wall, 1), "world_size": dist.world_size, "device": str(device),
                "bad_train_images": int(p.bad_train_total), "seed": cfg.seed, **git_commit()}
     if data.test is not None:
