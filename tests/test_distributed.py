@@ -55,9 +55,7 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _model(sync_bn_device: torch.device | None = None) -> nn.Module:
     """``test_sasa_resnet`` (an attention stem, an attention layer in each of its 4 stages, 17 BatchNorms), float64;
-    with ``sync_bn_device``, its BatchNorms converted as ``runner._train`` does: before the model is moved/cast
-    (``convert_sync_batchnorm`` builds new float32 BN modules on CPU, so converting a float64 model would round the
-    BN weights to float32)."""
+    with ``sync_bn_device``, its BatchNorms converted as ``sasa train`` does: before the model is moved/cast."""
     torch.manual_seed(0)
     module = create_model("test_sasa_resnet", num_classes=10)
     if sync_bn_device is not None:
@@ -257,3 +255,13 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         assert classifier < CLASSIFIER_RTOL, f"{name}: classifier {classifier:.3g} of its update apart"
     worst = max((v, k) for k, v in drift.items() if ":" in k)
     assert worst[0] < TENSOR_RTOL, f"{worst[1]}: {worst[0]:.3g} of its update apart"
+
+
+def test_sync_bn_conversion_keeps_dtype_and_values():
+    model = create_model("test_sasa_resnet", num_classes=10).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_sync_batchnorm(model, torch.device("cpu"))
+    bns = [m for m in converted.modules() if isinstance(m, DistributedBatchNorm2d)]
+    assert len(bns) == 17 and all(m.weight.dtype == torch.float64 for m in bns)
+    after = converted.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # float64 BN weights not rounded to float32

@@ -3,10 +3,7 @@
 PyTorch's ``SyncBatchNorm`` refuses CPU tensors, so CPU DDP (gloo) gets ``DistributedBatchNorm2d``: batch
 statistics are reduced across ranks with the differentiable ``torch.distributed.nn.functional.all_reduce``
 (two passes: the mean, then the centred sum of squares, for float accuracy), so the forward, the backward and the
-running statistics equal one process holding the whole global batch.
-
-Status: complete.
-"""
+running statistics equal one process holding the whole global batch."""
 
 from __future__ import annotations
 
@@ -61,8 +58,10 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 def _convert_cpu(module: nn.Module) -> nn.Module:
     out = module
     if type(module) is nn.BatchNorm2d:
+        ref = module.weight if module.affine else module.running_mean  # keep the layer's dtype and device
         out = DistributedBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                                     module.track_running_stats)
+                                     module.track_running_stats,
+                                     **({"dtype": ref.dtype, "device": ref.device} if ref is not None else {}))
         with torch.no_grad():
             if module.affine:
                 out.weight.copy_(module.weight)
