@@ -9,7 +9,8 @@ Normalisation, activations, pooling and additions are not counted, as in the pap
 
 The count runs one forward pass with hooks on a meta-device copy of the model (shapes only, no arithmetic; the
 model's own device if a module cannot run on meta), so it works for any module, including models made by
-``sasa.convert_to_attention``.
+``sasa.convert_to_attention``. Its attention runs the eager ``shifted`` backend whatever the layers or
+``SASA_BACKEND`` ask for: counting never waits for the ``inductor`` backend's compile.
 
 Status: complete.
 """
@@ -17,10 +18,12 @@ Status: complete.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from . import backends
 from .layers.attention import SelfAttention2d
 from .layers.stem import AttentionStem
 
@@ -79,7 +82,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)
     was_training = model.training
     try:
         model.eval()
-        _shape_forward(model, input_size, reset=lambda: totals.clear())
+        shape_forward(model, input_size, reset=totals.clear)
     finally:
         model.train(was_training)
         for h in handles:
@@ -87,18 +90,21 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)
     return 2 * sum(totals)
 
 
-def _shape_forward(model: nn.Module, input_size: tuple[int, ...], reset) -> None:
-    """Run a forward pass for its shapes only: on a meta-device copy (no arithmetic), or on the model's own
-    device for modules that cannot run on meta."""
+def shape_forward(model: nn.Module, input_size: tuple[int, ...], *, reset: Callable[[], object] | None = None) -> None:
+    """One forward pass of ``model`` on zeros of ``input_size`` for the shapes its hooks see: on a meta-device copy
+    (no arithmetic; hooks travel with the copy), else, for modules that cannot run on meta, on the model's own device
+    after ``reset()`` (forget what the failed meta pass recorded). Attention runs the eager ``shifted`` backend, so
+    this never compiles."""
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    with torch.no_grad():
+    with torch.no_grad(), backends.force("shifted"):
         try:
             meta = copy.deepcopy(model).to("meta")  # hooks travel with the copy
             meta(torch.zeros(input_size, device="meta", dtype=dtype))
             return
         except (NotImplementedError, RuntimeError):
-            reset()  # forget what the failed meta pass counted
+            if reset is not None:
+                reset()
         device = param.device if param is not None else torch.device("cpu")
         model(torch.zeros(input_size, device=device, dtype=dtype))
 

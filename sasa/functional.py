@@ -108,7 +108,8 @@ def local_attention_2d(
         padding: ``"zeros"`` (default) or ``"mask"``, see the module docstring.
         scale: multiplies the logits; 1.0 (the paper's equations have no 1/sqrt(d)).
         backend: a name from ``available_backends(device)``; ``None`` picks the fastest that can run
-            (``SASA_BACKEND`` in the environment overrides the automatic choice).
+            (``SASA_BACKEND`` in the environment overrides the automatic choice); inside a
+            ``sasa.backends.force(name)`` block every call runs ``name``.
 
     Returns:
         ``(B, H, W, heads, head_dim)`` tensor, the attention output.
@@ -144,7 +145,7 @@ def local_attention_2d(
         kernel_size, rel_rows, rel_cols = _clip_to_map(kernel_size, rel_rows, rel_cols, q.shape[1], q.shape[2])
 
     opts = dict(k=k, rel_rows=rel_rows, rel_cols=rel_cols, kernel_size=kernel_size, padding=padding)
-    name = backend if backend is not None else _backends.env_default()
+    name = _backends.forced() or (backend if backend is not None else _backends.env_default())
     if name is None:
         chosen = _backends.default_for(q, **opts)
     else:

@@ -181,10 +181,14 @@ def _image(path: Path, mode: str, size=(40, 30)) -> Path:
 
 def test_show_attention_cli_random_init(tmp_path, capsys):
     image, out = _image(tmp_path / "in.png", "RGB"), tmp_path / "maps" / "att.png"
-    with pytest.warns(UserWarning, match="randomly initialised"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the random init is a notice for the user, not a Python warning
         rc = main(["show-attention", "--model", "test_sasa_resnet", "--image", str(image), "--image-size", "32",
                    "--pixel", "3,4", "--pixel", "20,31", "--layer", "layer2.0.conv2", "--out", str(out)])
-    assert rc == 0 and "layer2.0.conv2" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert rc == 0 and "layer2.0.conv2" in captured.out
+    assert captured.err == ("sasa show-attention: no --weights given: test_sasa_resnet is randomly initialised, so the "
+                            "maps show untrained attention\n")
     from PIL import Image
 
     with Image.open(out) as png:

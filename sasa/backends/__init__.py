@@ -5,13 +5,17 @@ Each backend is a module-level object with a ``name``, a ``can_run(q, ...) -> st
 autograd support. ``sasa.functional`` picks one and dispatches; nothing else should import backends directly.
 
 Status: ``reference`` (oracle), ``shifted`` (lean CPU/GPU path) and ``inductor`` (``shifted`` fused by
-``torch.compile``, CPU) always present; ``triton`` registered when the Triton module imports.
+``torch.compile``, CPU) always present; ``triton`` registered when the Triton module imports. ``force(name)``
+pins every op call inside a ``with`` block to one backend, for passes that need shapes or one forward but not
+speed (counting FLOPs, listing or drawing attention layers), so that they never wait for a compile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +72,26 @@ def _load_all() -> None:
         from . import triton_backend  # noqa: F401
     except ImportError:  # Triton not installed: the backend simply is not offered
         pass
+
+
+_FORCED: ContextVar[str | None] = ContextVar("sasa_forced_backend", default=None)
+
+
+@contextlib.contextmanager
+def force(name: str) -> Iterator[None]:
+    """Run every ``local_attention_2d`` call inside the block with backend ``name``, whatever the call's
+    ``backend=``, ``SASA_BACKEND`` or the automatic choice would pick (all backends compute the same op)."""
+    get(name)  # an unknown name fails here, not at the first call inside the block
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced() -> str | None:
+    """The backend ``force`` pins in this context, or None."""
+    return _FORCED.get()
 
 
 def env_default() -> str | None:

@@ -205,7 +205,7 @@ def stem_block_attention(xb: torch.Tensor, g: torch.Tensor, pm: torch.Tensor | N
         shape: ``(B, H / s, W / s, s)``.
     """
     device = xb.device.type
-    if torch.is_autocast_enabled(device):
+    if device != "meta" and torch.is_autocast_enabled(device):  # meta (shape-only passes) has no autocast state
         dtype = torch.get_autocast_dtype(device)
         xb, g, wv = (t.to(dtype) for t in (xb, g, wv))
         pm = pm.to(dtype) if pm is not None else None

@@ -10,7 +10,7 @@
 - Weights: a safetensors file, or a torch checkpoint holding a state dict or a dict with a ``model`` (or
   ``state_dict``) entry, read with ``sasa.engine.checkpoint.read_weights`` (``weights_only=True``; ``module.`` /
   ``_orig_mod.`` prefixes of DDP and ``torch.compile`` stripped). Without weights the model is randomly
-  initialised, with a warning.
+  initialised, with a one-line notice on stderr.
 - Image: any PIL-readable file, converted to the model's input channels (grayscale or RGB), resized to a square of
   ``image_size`` (default: the run config's, else the registry's input size), normalised with the config's mean/std,
   else ImageNet's for 3 channels and Fashion-MNIST's (0.2860 / 0.3530) for 1.
@@ -20,19 +20,25 @@
   resolution (the pool comes after), so a stage's first block shows the larger map.
 - Pixels: ``(y, x)`` in the resized image's coordinates, mapped to the layer's map; default the image centre.
 
+Nothing compiles: the layer sizes come from a forward on the meta device (shapes only), and the forward that
+draws the maps runs the eager ``shifted`` backend (one image is no reason to wait for the ``inductor`` backend's
+compile; the maps themselves come from the reference backend either way).
+
 Status: complete.
 """
 
 from __future__ import annotations
 
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .. import backends
 from ..engine.checkpoint import read_weights
+from ..flops import shape_forward
 from ..layers.attention import SelfAttention2d
 from ..models import MODEL_INFO, create_model
 from .maps import attention_layers, attention_maps, resolve_layers
@@ -106,9 +112,9 @@ def load_image(path: str | Path, in_chans: int, size: int, mean, std) -> tuple[n
     return shown, ((x - mean[:, None, None]) / std[:, None, None])[None]
 
 
-@torch.no_grad()
 def layer_input_sizes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """Input (pre-pool) map size ``(H, W)`` of every attention layer for input ``x`` (one forward pass)."""
+    """Input (pre-pool) map size ``(H, W)`` of every attention layer for an input shaped like ``x`` (one forward
+    pass for its shapes, ``sasa.flops.shape_forward``: on the meta device, no arithmetic)."""
     sizes: dict[str, tuple[int, int]] = {}
 
     def record(name: str):
@@ -119,7 +125,7 @@ def layer_input_sizes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int,
 
     handles = [layer.register_forward_pre_hook(record(name)) for name, layer in attention_layers(model).items()]
     try:
-        model(x)
+        shape_forward(model, tuple(x.shape), reset=sizes.clear)
     finally:
         for h in handles:
             h.remove()
@@ -150,8 +156,8 @@ def show_attention(model_name: str | None, image: str | Path, out: str | Path, *
         raise ValueError("--model is required (neither the weights' metadata nor a run config.yaml names the model)")
     overrides = {**run["args"], **saved["args"], **(model_args or {})}
     if state is None:
-        warnings.warn(f"no --weights given: {name} is randomly initialised, so the maps show untrained attention",
-                      stacklevel=2)
+        print(f"sasa show-attention: no --weights given: {name} is randomly initialised, so the maps show untrained "
+              "attention", file=sys.stderr)
     torch.manual_seed(seed)
     model = build_model(name, overrides, state)
     layers = attention_layers(model)
@@ -168,7 +174,8 @@ def show_attention(model_name: str | None, image: str | Path, out: str | Path, *
                          f"heads={layers[n].heads}" for i, n in enumerate(sizes))
     chosen = resolve_layers(model, layer)[0] if layer is not None else default_layer(layers, sizes)
     pixels = list(pixels) if pixels else [(size // 2, size // 2)]
-    weights_map = attention_maps(model, x, chosen)[chosen][0]  # (h, w, heads, k, k)
+    with backends.force("shifted"):
+        weights_map = attention_maps(model, x, chosen)[chosen][0]  # (h, w, heads, k, k)
     attn = layers[chosen]
     h, w = weights_map.shape[:2]
     title = (f"{name}  {chosen}: {attn.kernel_size}x{attn.kernel_size} window, {attn.heads} heads, {h}x{w} map"
