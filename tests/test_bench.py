@@ -104,3 +104,14 @@ def test_bench_bad_arguments(capsys):
     assert main(["bench", "--small", "--device", "cpu", "--mode", "layer,speed"]) == 2
     assert "--mode" in capsys.readouterr().err
     assert main(["bench", "--small", "--device", "cpu", "--dtype", "bf16"]) == 2
+
+
+def test_bench_tables_print_clean(one_thread, capfd):
+    """The profiler behind peak MB and --profile writes native lines to stderr (Kineto's USDT start / stop trace,
+    its GPU probe, c10's note on earlier allocations); none may reach the terminal between the tables."""
+    assert main(["bench", "--small", "--device", "cpu", "--mode", "stem,model", "--models", "test_resnet",
+                 "--profile", "2"]) == 0
+    out, err = capfd.readouterr()
+    assert "Top operators of one training step, test_resnet" in out
+    for noise in ("USDT", "profiler_start", "gpuGetDeviceCount", "allocated before the profiling started"):
+        assert noise not in out + err, noise

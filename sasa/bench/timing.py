@@ -8,19 +8,27 @@
   before it (parameters, optimizer state and inputs are not counted). On GPU from ``torch.cuda.max_memory_allocated``;
   on CPU from the allocation events ``torch.profiler`` records (``profile_memory=True``), summed in time order.
   Both count tensors only, not allocator caches or the process's other memory.
+- The profiler's native chatter (``PROFILER_NOISE``: Kineto's ``USDT ... profiler_start`` / ``profiler_stop``
+  trace lines at every start and stop, its failed GPU probe on a machine without one, c10's note that memory
+  allocated before profiling has no free event) is kept out of the tables: stderr's file descriptor goes to a
+  temporary file while the profiler runs, and every other line is written back.
 
 Status: complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
+import re
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -30,6 +38,28 @@ MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated during the call minus memory_allocated before it",
     "cpu": "peak of tensor allocations during the call (torch.profiler profile_memory events), above the start",
 }
+
+
+PROFILER_NOISE = re.compile(r"^USDT:.*profiler_(start|stop)|gpuGetDeviceCount failed|"
+                            r"allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Drop ``PROFILER_NOISE`` lines that native code writes to stderr (file descriptor 2) inside the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not PROFILER_NOISE.search(line)))
 
 
 def is_oom(err: BaseException) -> bool:
@@ -87,9 +117,11 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    with quiet_profiler():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
     current = peak = 0
     for _, nbytes in events:
         current += nbytes
@@ -102,11 +134,13 @@ def top_ops(fn: Callable[[], object], device: torch.device, n: int) -> list[dict
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        sync(device)
+    with quiet_profiler():
+        with profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        averages = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
     return [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
             for e in events[:n]]
