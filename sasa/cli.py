@@ -3,13 +3,58 @@
 Each sub-command is one ``_add_<name>(subparsers)`` function that declares its flags and sets ``func`` to a
 handler; handlers import their engine lazily so ``sasa --help`` stays fast.
 
+``main`` first sets up the process: toolchain messages that tell a user nothing are dropped (``QUIET_LOGS``), and
+Inductor's compiled kernels go to a cache directory that outlives the process and its temporary directory
+(``inductor_cache_dir``), so that a later command (``sasa train --resume``, another ``sasa bench``) loads them
+instead of compiling them again.
+
 Status: ``info`` here; other commands are added by their engines.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from pathlib import Path
+
+# logger -> starts of its messages to drop. torch.compile loads torch's C++-extension helper, which on a CUDA build
+# of torch without a GPU (a CPU machine) says so at WARNING level, though the CPU backends never need CUDA.
+QUIET_LOGS = {"torch.utils.cpp_extension": ("No CUDA runtime is found",)}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+_FILTERS = {name: _DropMessages(starts) for name, starts in QUIET_LOGS.items()}
+
+
+def inductor_cache_dir() -> str:
+    """Where Inductor keeps compiled kernels: ``TORCHINDUCTOR_CACHE_DIR`` if the user set it, else
+    ``$XDG_CACHE_HOME/sasa/inductor`` (``~/.cache/sasa/inductor``). torch's own default lies in the temporary
+    directory, which a reboot, a tmp cleaner or a per-job ``TMPDIR`` (batch schedulers) empties or changes between
+    a run and its resume."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch writes its default into the environment once it has looked the directory up (importing torch._dynamo
+    # does): that value is not the user's choice
+    torch_dirs = sys.modules.get("torch._inductor.runtime.cache_dir_utils")
+    if chosen and not (torch_dirs and os.path.abspath(chosen) == os.path.abspath(torch_dirs.default_cache_dir())):
+        return chosen
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "sasa" / "inductor")
+
+
+def _setup_process() -> None:
+    for name, log_filter in _FILTERS.items():
+        logging.getLogger(name).addFilter(log_filter)  # a filter already there is not added twice
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()  # torch reads it at each compile; children inherit it
 
 
 def _add_info(sub) -> None:
@@ -292,6 +337,7 @@ EXTRAS = {"yaml": "train", "tqdm": "train", "matplotlib": "train", "safetensors"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _setup_process()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
