@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import sasa
 from sasa import AttentionStem, SelfAttention2d
-from sasa.layers import stem_attention
+from sasa.backends import stem as stem_attention
 
 
 def test_layer_is_conv_like():

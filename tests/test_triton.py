@@ -308,21 +308,26 @@ def test_stem_kernels_deterministic_and_autocast(interpret, monkeypatch):
 
 
 def test_stem_backend_choice(monkeypatch):
-    from sasa.layers.stem_attention import use_triton
+    """The stem's Triton kernels are the registry's ``triton`` of the ``stem`` op: chosen on CUDA, named on CPU (the
+    interpreter), refused with the reason on shapes they do not take."""
+    from sasa import backends
+    from sasa.functional import stem_attention
 
-    monkeypatch.delenv("SASA_STEM_BACKEND", raising=False)
-    assert not use_triton(torch.zeros(1, 3, 4, 4))  # CPU: the PyTorch form
-    monkeypatch.setenv("SASA_STEM_BACKEND", "triton")
-    assert use_triton(torch.zeros(1, 3, 4, 4))
-    monkeypatch.setenv("SASA_STEM_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="stem backend"):
-        use_triton(torch.zeros(1, 3, 4, 4))
-    with pytest.raises(ValueError, match="16 pixels"):  # forced on a shape the kernels do not take
-        use_triton(torch.zeros(1, 3, 10, 10), "triton", block=5)
+    x = torch.zeros(1, 3, 4, 4)
+    g, wv = torch.zeros(3, 3), torch.zeros(1, 3, 2)
+    with backends.record() as used:
+        monkeypatch.delenv("SASA_STEM_BACKEND", raising=False)
+        stem_attention(x, g, None, wv, block=2)  # CPU: the PyTorch form
+        monkeypatch.setenv("SASA_STEM_BACKEND", "triton")
+        stem_attention(x, g, None, wv, block=2)
+    assert used == {("stem", "shifted"), ("stem", "triton")}
+    with pytest.raises(ValueError, match="16 pixels"):  # named on a shape the kernels do not take
+        stem_attention(torch.zeros(1, 3, 10, 10), g, None, wv, block=5)
     with pytest.raises(ValueError, match="mixtures"):
-        use_triton(torch.zeros(1, 6, 4, 4), "triton", mixtures=4)
+        stem_attention(torch.zeros(1, 6, 4, 4), torch.zeros(6, 6), torch.zeros(4, 4), torch.zeros(1, 24, 2), block=2)
     monkeypatch.delenv("SASA_STEM_BACKEND")
-    assert not use_triton(torch.zeros(1, 3, 10, 10, device="meta"), block=5)  # automatic: falls back
+    assert backends.choose("stem", torch.zeros(1, 3, 10, 10, device="meta"), block=5).name == "shifted"
+    assert sasa.available_backends("cuda", op="stem")[0] == "triton"
 
 
 def test_stem_kernels_compile_for_hopper(tmp_path):

@@ -355,8 +355,8 @@ class Check:
         dev = self.device
         log("\n== attention stem: fast op vs reference_forward ==")
         for name, dtype, compiled, kind in (
-                ("stem_torch_fp32", None, False, "torch"), ("stem_triton_fp32", None, False, "triton"),
-                ("stem_torch_bf16_autocast", torch.bfloat16, False, "torch"),
+                ("stem_torch_fp32", None, False, "shifted"), ("stem_triton_fp32", None, False, "triton"),
+                ("stem_torch_bf16_autocast", torch.bfloat16, False, "shifted"),
                 ("stem_triton_bf16_autocast", torch.bfloat16, False, "triton"),
                 ("stem_fp32_compiled", None, True, None)):
             t0 = time.time()

@@ -11,25 +11,18 @@ expressions over overlapping strided views instead of per-channel / per-offset i
   scatters for ``dk`` / ``dv`` stay ``shifted``'s eager ones (written as gathers over flipped, shifted copies of
   the logit gradients and probabilities, Inductor ran them slower: 6.8 against 5.9 ms at the target shape).
 
-Run eagerly these expressions would materialise ``(B*heads, head_dim, k, k, H*P)`` products; Inductor fuses each
-reduction with its product into one vectorised loop nest that keeps the accumulator in registers, where the eager
-passes stream it through memory once per channel or offset. At the issue's CPU shape (BENCHMARKS.md) the op's
-forward + backward is 1.4x faster than ``shifted`` (14.5 against 20.4 ms; forward alone 1.8x), a SASA-ResNet-26
-training step 8-9%.
-
-One compiled graph per dtype serves every variant and size: batch and heads are merged, missing keys and tables
-become zeros, per-head and shared tables are both expanded per plane, the padding mode is the bias, and shapes are
-dynamic (without "duck sizing", which merged sizes that were equal by chance; a size-1 dimension still compiles
-once more). The first call in a process compiles (~10 s forward + backward on a 2-core machine; Inductor keeps the
-result on disk, so later processes take ~2-5 s) and says so on stderr. Without a working compiler (no C++
-toolchain, an Inductor error) it warns once and runs ``shifted``'s eager core instead: the same results.
+Inductor fuses each reduction with its product into one vectorised loop nest (eagerly they would materialise
+``(B*heads, head_dim, k, k, H*P)`` products): forward + backward 1.4x faster than ``shifted`` at the issue's CPU
+shape, a SASA-ResNet-26 training step 8-9% (BENCHMARKS.md). One compiled graph per dtype serves every variant and
+size (batch and heads merged, missing keys and tables as zeros, the padding mode as the bias, dynamic shapes without
+"duck sizing"). The first call in a process compiles (~10 s on 2 cores; the result is cached on disk, in
+``~/.cache/sasa/inductor`` under the command line) and says so on stderr; without a working compiler it warns once
+and runs ``shifted``'s eager core: the same results. Shape-only passes (FLOP counts, ``sasa show-attention``) pin
+``shifted`` with ``sasa.backends.force``.
 
 CPU only (on CUDA the ``triton`` backend is the fused kernel); fp16 / bf16 are computed in fp32 as in ``shifted``.
 Default on CPU. ``SASA_BACKEND=shifted`` skips the compilation (the test suite does that, except where it tests
-this backend).
-
-Status: complete; tested against the reference like every backend; speed in BENCHMARKS.md.
-"""
+this backend)."""
 
 from __future__ import annotations
 
@@ -41,7 +34,7 @@ import warnings
 import torch
 
 from . import Backend, register, shifted
-from .shifted import _geometry, _keys, _outside_mask, _queries
+from .shifted import geometry, outside_mask, padded_keys, padded_queries
 
 
 def _windows(xp: torch.Tensor, K: int, P: int, n: int) -> torch.Tensor:
@@ -130,8 +123,8 @@ def _run(name: str, args: tuple):
 def _bias(H: int, W: int, K: int, mask: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(K*K, H*P)`` logit bias: -inf where the window leaves the image if ``mask``, else zeros."""
     if not mask:
-        return torch.zeros(K * K, _geometry(H, W, K)[1] * H, dtype=dtype, device=device)
-    return torch.zeros((), dtype=dtype, device=device).masked_fill(_outside_mask(H, W, K, device), float("-inf"))
+        return torch.zeros(K * K, geometry(H, W, K)[1] * H, dtype=dtype, device=device)
+    return torch.zeros((), dtype=dtype, device=device).masked_fill(outside_mask(H, W, K, device), float("-inf"))
 
 
 def _planes(q, k, v, rel_rows, rel_cols, K: int) -> tuple:
@@ -140,14 +133,14 @@ def _planes(q, k, v, rel_rows, rel_cols, K: int) -> tuple:
     tables, zeros for a missing one."""
     B, H, W, h, d = q.shape
     r = K // 2
-    qf = _queries(q, r)
-    kp = _keys(k, r) if k is not None else qf.new_zeros(B, h, d, (_geometry(H, W, K)[2]) * (W + r))
+    qf = padded_queries(q, r)
+    kp = padded_keys(k, r) if k is not None else qf.new_zeros(B, h, d, (geometry(H, W, K)[2]) * (W + r))
     tables = []
     for t in (rel_rows, rel_cols):
         t = t.to(qf.dtype) if t is not None else qf.new_zeros(K, d // 2)
         # shared (K, c) or per-head (h, K, c); contiguous, since a stride-0 view would be another compile
         tables.append(t.expand(B, h, K, d // 2).reshape(B * h, K, d // 2).contiguous())
-    return (qf.view(B * h, d, -1), kp.view(B * h, d, -1), _keys(v, r).view(B * h, d, -1), *tables)
+    return (qf.view(B * h, d, -1), kp.view(B * h, d, -1), padded_keys(v, r).view(B * h, d, -1), *tables)
 
 
 def _forward_core(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float):
@@ -156,28 +149,28 @@ def _forward_core(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float)
     if scale != 1.0:
         qf *= scale  # scale * (q.k + q.r) = (scale q).k + (scale q).r
     bias = _bias(H, W, K, mask, qf.dtype, q.device)
-    result = _run("forward", (qf, kp, vp, rows, cols, bias, K, _geometry(H, W, K)[1]))
+    result = _run("forward", (qf, kp, vp, rows, cols, bias, K, geometry(H, W, K)[1]))
     if result is None:
-        return shifted._forward_core(q, k, v, rel_rows, rel_cols, K, mask, scale)
+        return shifted.eager_forward(q, k, v, rel_rows, rel_cols, K, mask, scale)
     out, probs = result
     return out.view(B, h, d, -1), probs.view(B, h, K * K, -1)
 
 
 def _backward_core(dout, q, k, v, probs, rel_rows, rel_cols, K: int, scale: float, needs: tuple[bool, ...]):
     B, H, W, h, d = q.shape
-    r, P, rows = _geometry(H, W, K)
+    r, P, rows = geometry(H, W, K)
     qf, kp, vp, trows, tcols = _planes(q, k, v, rel_rows, rel_cols, K)
-    dof = _queries(dout, r).view(B * h, d, -1)
+    dof = padded_queries(dout, r).view(B * h, d, -1)
     args = (dof, qf, kp, vp, probs.view(B * h, K * K, -1), trows, tcols, torch.tensor(scale, dtype=qf.dtype), K, P)
     result = _run("backward", args)
     if result is None:
-        return shifted._backward_core(dout, q, k, v, probs, rel_rows, rel_cols, K, scale, needs)
+        return shifted.eager_backward(dout, q, k, v, probs, rel_rows, rel_cols, K, scale, needs)
     ds, dq, drows, dcols = result
     # the scatters stay eager: as gathers over flipped, shifted copies of ds and probs, Inductor was slower
-    starts = shifted._starts(K, P)
+    starts = shifted.window_starts(K, P)
     planes = lambda x: x.view(B, h, x.shape[1], -1)  # noqa: E731  (BH, ., N) -> (B, h, ., N)
-    dk = shifted._scatter(planes(ds), planes(qf), starts, rows * P) if k is not None and needs[1] else None
-    dv = shifted._scatter(probs, planes(dof), starts, rows * P) if needs[2] else None
+    dk = shifted.scatter(planes(ds), planes(qf), starts, rows * P) if k is not None and needs[1] else None
+    dv = shifted.scatter(probs, planes(dof), starts, rows * P) if needs[2] else None
     tables = []
     for table, grad, need in ((rel_rows, drows, needs[3]), (rel_cols, dcols, needs[4])):
         grad = grad.view(B, h, K, d // 2).sum(0)  # (h, K, c)
@@ -185,7 +178,7 @@ def _backward_core(dout, q, k, v, probs, rel_rows, rel_cols, K: int, scale: floa
     return (planes(dq) if needs[0] else None, dk, dv, *tables)
 
 
-shifted.CORES["inductor"] = (_forward_core, _backward_core)
+shifted.register_core("inductor", _forward_core, _backward_core)
 
 
 def inductor_attention(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale):
@@ -199,4 +192,4 @@ def _can_run(q, device=None, **_) -> str | None:
     return None
 
 
-register(Backend(name="inductor", apply=inductor_attention, can_run=_can_run, priority={"cpu": 20}))
+register(Backend(name="inductor", op="window", apply=inductor_attention, can_run=_can_run, priority={"cpu": 20}))

@@ -4,8 +4,7 @@ It pads K and V, unfolds every k x k window (memory grows k*k-fold: this is for 
 computes the softmax with plain autograd. Works on any device and dtype, float64 included, so it is the target of
 every gradcheck and of every other backend's tests. See ``sasa/functional.py`` for the layout and the maths.
 
-Status: complete; deliberately slow.
-"""
+Deliberately slow."""
 
 from __future__ import annotations
 
@@ -57,5 +56,5 @@ def _can_run(q, **_) -> str | None:
     return None
 
 
-register(Backend(name="reference", apply=reference_attention, can_run=_can_run, priority={"cpu": 0, "cuda": 0,
-                                                                                            "meta": 0}))
+register(Backend(name="reference", op="window", apply=reference_attention, can_run=_can_run,
+                 priority={"cpu": 0, "cuda": 0, "meta": 0}))

@@ -19,18 +19,18 @@ buffers, against k*k copies of K and V (and their gradients) for unfold.
 On CPU this layout is also the one the models produce: a 1x1 NCHW convolution's output viewed as
 ``(B, H, W, heads, head_dim)`` is already channels-first, so the permutes below are free.
 
-The op is split into prep / core / crop: ``CORES`` maps a name to the (forward, backward) pair that computes the
-flat padded results; ``"eager"`` is the loops below, ``"inductor"`` (``inductor.py``) the same maths compiled,
-which is the default on CPU. Both run behind the same custom ops.
+The op is split into prep / core / crop: a core is the (forward, backward) pair that computes the flat padded
+results; ``"eager"`` is the loops below, ``"inductor"`` (``inductor.py``, through ``register_core`` and the public
+helpers here) the same maths compiled, which is the default on CPU. Both run behind the same custom ops.
 
 Runs on any device and dtype. See ``sasa/functional.py`` for layout and maths.
 
-Status: complete; the eager CPU path (and the fallback of ``inductor``).
-"""
+The eager CPU path (and the fallback of ``inductor``)."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Optional  # custom_op schema inference on torch 2.5 wants typing.Optional, not "X | None"
 
 import torch
@@ -49,7 +49,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _geometry(H: int, W: int, K: int) -> tuple[int, int, int]:
+def geometry(H: int, W: int, K: int) -> tuple[int, int, int]:
     """(r, P, rows): window radius, row pitch and rows of the padded K/V buffer (r zero rows on top, r plus enough
     spare rows below that the last query's last window offset is in range)."""
     r = K // 2
@@ -57,16 +57,16 @@ def _geometry(H: int, W: int, K: int) -> tuple[int, int, int]:
     return r, P, H + 2 * r + -(-2 * r // P)
 
 
-def _queries(x: torch.Tensor, r: int) -> torch.Tensor:
+def padded_queries(x: torch.Tensor, r: int) -> torch.Tensor:
     """(B, H, W, h, d) -> (B, h, d, H * P): channels-first, right-padded to the row pitch."""
     B, H, W, h, d = x.shape
     return F.pad(_cf(x).to(_compute_dtype(x.dtype)), (0, r)).view(B, h, d, H * (W + r))
 
 
-def _keys(x: torch.Tensor, r: int) -> torch.Tensor:
+def padded_keys(x: torch.Tensor, r: int) -> torch.Tensor:
     """(B, H, W, h, d) -> (B, h, d, rows * P): r zero columns left of every row, r zero rows above, spare rows below."""
     B, H, W, h, d = x.shape
-    rows = _geometry(H, W, 2 * r + 1)[2]
+    rows = geometry(H, W, 2 * r + 1)[2]
     return F.pad(_cf(x).to(_compute_dtype(x.dtype)), (r, 0, r, rows - H - r)).view(B, h, d, -1)
 
 
@@ -92,7 +92,7 @@ def _dots(x: torch.Tensor, yp: torch.Tensor, K: int, P: int, acc: torch.Tensor |
     return acc
 
 
-def _starts(K: int, P: int) -> list[int]:
+def window_starts(K: int, P: int) -> list[int]:
     """Flat start of each window offset ``(a, b)`` (row-major, the probabilities' order) in a padded buffer."""
     return [a * P + b for a in range(K) for b in range(K)]
 
@@ -109,7 +109,7 @@ def _gather(w: torch.Tensor, xp: torch.Tensor, starts: list[int], out: torch.Ten
     return out
 
 
-def _scatter(w: torch.Tensor, x: torch.Tensor, starts: list[int], L: int) -> torch.Tensor:
+def scatter(w: torch.Tensor, x: torch.Tensor, starts: list[int], L: int) -> torch.Tensor:
     """The adjoint of ``_gather``: (B, h, d, L) buffer with ``[..., s_o : s_o + N] += w[:, :, o] * x`` for every o."""
     B, h, d, N = x.shape
     acc = x.new_zeros(B, h, d, L)
@@ -132,23 +132,23 @@ def _crop(buf: torch.Tensor, H: int, W: int, P: int, row0: int, col0: int, like:
 
 
 @functools.lru_cache(maxsize=64)
-def _outside_mask(H: int, W: int, K: int, device: torch.device) -> torch.Tensor:
+def outside_mask(H: int, W: int, K: int, device: torch.device) -> torch.Tensor:
     """(K*K, H*P) bool: True where the window position falls outside the image (never for the padding columns)."""
-    r, P, rows = _geometry(H, W, K)
+    r, P, rows = geometry(H, W, K)
     inside = F.pad(torch.ones(H, W, device=device), (r, 0, r, rows - H - r)).flatten()
     mask = inside.as_strided((K, K, H, P), (P, 1, P, 1)) == 0  # [a, b, i, j] = inside[(i + a) * P + j + b]
     mask[..., W:] = False  # padding queries: keep them finite
     return mask.reshape(K * K, H * P)
 
 
-def _forward_core(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float):
+def eager_forward(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float):
     """The eager core: ``(out (B, h, d, N) flat, probs (B, h, K*K, N))``. Each padded buffer is made where it is
     used and dropped after, which keeps the peak low."""
     B, H, W, h, d = q.shape
     c = d // 2
-    r, P, _ = _geometry(H, W, K)
+    r, P, _ = geometry(H, W, K)
     N = H * P
-    qf = _queries(q, r)  # (B, h, d, N), a fresh buffer
+    qf = padded_queries(q, r)  # (B, h, d, N), a fresh buffer
     if scale != 1.0:
         qf *= scale  # scale * (q.k + q.r) = (scale q).k + (scale q).r
     logits = None  # (B, h, K*K, N), [..., a*K + b, :] = offset (a - r, b - r)
@@ -159,40 +159,40 @@ def _forward_core(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float)
         logits = torch.add(rows[:, :, :, None] if rows.dim() else rows, cols[:, :, None, :] if cols.dim() else cols)
         logits = logits.expand(B, h, K, K, N).reshape(B, h, K * K, N)
     if k is not None:
-        logits = _dots(qf, _keys(k, r), K, P, logits)
+        logits = _dots(qf, padded_keys(k, r), K, P, logits)
     if logits is None:
         logits = qf.new_zeros(B, h, K * K, N)
     del qf
     if mask:
-        logits.masked_fill_(_outside_mask(H, W, K, q.device), float("-inf"))
+        logits.masked_fill_(outside_mask(H, W, K, q.device), float("-inf"))
     probs = torch.softmax(logits, dim=2)  # (B, h, K*K, N)
     del logits
-    starts = _starts(K, P)
-    return _gather(probs, _keys(v, r), starts, probs.new_empty(B, h, d, N)), probs
+    starts = window_starts(K, P)
+    return _gather(probs, padded_keys(v, r), starts, probs.new_empty(B, h, d, N)), probs
 
 
-def _backward_core(dout, q, k, v, probs, rel_rows, rel_cols, K: int, scale: float, needs: tuple[bool, ...]):
+def eager_backward(dout, q, k, v, probs, rel_rows, rel_cols, K: int, scale: float, needs: tuple[bool, ...]):
     """The eager core: ``(dq (B, h, d, N), dk, dv (B, h, d, L), drows, dcols)``, flat padded buffers, None where
     absent or not needed; ``dout`` is (B, H, W, h, d)."""
     B, H, W, h, d = q.shape
     c = d // 2
-    r, P, rows = _geometry(H, W, K)
+    r, P, rows = geometry(H, W, K)
     N, L = H * P, rows * P
-    starts = _starts(K, P)
+    starts = window_starts(K, P)
     need_q, need_k, need_v, need_rows, need_cols = needs
-    dof = _queries(dout, r)  # (B, h, d, N), zero in the padding columns
-    ds = _dots(dof, _keys(v, r), K, P)  # dL/dprobs
+    dof = padded_queries(dout, r)  # (B, h, d, N), zero in the padding columns
+    ds = _dots(dof, padded_keys(v, r), K, P)  # dL/dprobs
     ds = torch._softmax_backward_data(ds, probs, 2, probs.dtype)  # dL/dlogits
     if scale != 1.0:
         ds *= scale
-    qf = _queries(q, r)
+    qf = padded_queries(q, r)
     dq = dk = dv = drows = dcols = None
     if need_q:
-        dq = _gather(ds, _keys(k, r), starts, torch.empty_like(qf)) if k is not None else torch.zeros_like(qf)
+        dq = _gather(ds, padded_keys(k, r), starts, torch.empty_like(qf)) if k is not None else torch.zeros_like(qf)
     if k is not None and need_k:
-        dk = _scatter(ds, qf, starts, L)
+        dk = scatter(ds, qf, starts, L)
     if need_v:
-        dv = _scatter(probs, dof, starts, L)
+        dv = scatter(probs, dof, starts, L)
     ds5 = ds.view(B, h, K, K, N)
     for table, dim, lo, need in ((rel_rows, 3, 0, need_rows), (rel_cols, 2, c, need_cols)):
         if table is None:
@@ -213,12 +213,12 @@ def _backward_core(dout, q, k, v, probs, rel_rows, rel_cols, K: int, scale: floa
 def _forward(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float,
              core: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
     """(out, probs): out as ``_crop(..., as_base=True)`` lays it out, probs ``(B, h, K*K, H*P)`` for the backward;
-    ``CORES[core]`` computes them on the flat padded buffers."""
+    ``_CORES[core]`` computes them on the flat padded buffers."""
     B, H, W, h, d = q.shape
-    out, probs = CORES[core][0](q, k, v, rel_rows, rel_cols, K, mask, scale)
+    out, probs = _CORES[core][0](q, k, v, rel_rows, rel_cols, K, mask, scale)
     # a fresh tensor, never a view (custom-op outputs must own their storage; an in-place ReLU on the layer's
     # output then works too); ``shifted_attention`` permutes it outside
-    return _crop(out, H, W, _geometry(H, W, K)[1], 0, 0, q, as_base=True), probs
+    return _crop(out, H, W, geometry(H, W, K)[1], 0, 0, q, as_base=True), probs
 
 
 def _backward(dout, q, k, v, rel_rows, rel_cols, probs, K: int, scale: float, needs: tuple[bool, ...],
@@ -227,15 +227,20 @@ def _backward(dout, q, k, v, rel_rows, rel_cols, probs, K: int, scale: float, ne
     if q.stride(-1) != 1:
         dout = _cf(dout)  # the forward returned (B, h, d, H, W): back to (B, H, W, h, d)
     B, H, W, h, d = q.shape
-    r, P, _ = _geometry(H, W, K)
-    dq, dk, dv, drows, dcols = CORES[core][1](dout, q, k, v, probs, rel_rows, rel_cols, K, scale, needs)
+    r, P, _ = geometry(H, W, K)
+    dq, dk, dv, drows, dcols = _CORES[core][1](dout, q, k, v, probs, rel_rows, rel_cols, K, scale, needs)
     dq, dk, dv = (_crop(g, H, W, P, o, o, q) if g is not None else None for g, o in ((dq, 0), (dk, r), (dv, r)))
     drows, dcols = (g.to(t.dtype) if g is not None else None for g, t in ((drows, rel_rows), (dcols, rel_cols)))
     return dq, dk, dv, drows, dcols
 
 
-# name -> (forward core, backward core); ``inductor.py`` adds its compiled pair
-CORES = {"eager": (_forward_core, _backward_core)}
+_CORES = {"eager": (eager_forward, eager_backward)}  # name -> (forward core, backward core)
+
+
+def register_core(name: str, forward: Callable, backward: Callable) -> None:
+    """Run ``shifted_attention(..., core=name)`` with ``forward`` / ``backward`` in place of ``eager_forward`` /
+    ``eager_backward`` (same arguments and results)."""
+    _CORES[name] = (forward, backward)
 
 
 def _no_autocast(device: torch.device):
@@ -257,7 +262,7 @@ def shifted_fwd(q: Tensor, k: Optional[Tensor], v: Tensor, rel_rows: Optional[Te
                 rel_cols: Optional[Tensor], kernel_size: int, mask: bool,  # noqa: UP045
                 scale: float, core: str) -> tuple[Tensor, Tensor]:
     """``(out, probs)``: out ``(B, h, d, H, W)`` for channels-first q, else ``(B, H, W, h, d)``; probs fp32 or q's.
-    ``core``: a key of ``CORES``."""
+    ``core``: a name given to ``register_core`` or ``"eager"``."""
     with _no_autocast(q.device):
         return _forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale, core)
 
@@ -267,7 +272,7 @@ def _(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale, core):
     B, H, W, h, d = q.shape
     out = _grad_like(q)
     out = out if q.stride(-1) == 1 else _cf(out).contiguous()
-    r, P, _ = _geometry(H, W, kernel_size)
+    r, P, _ = geometry(H, W, kernel_size)
     return out, q.new_empty((B, h, kernel_size * kernel_size, H * P), dtype=_compute_dtype(q.dtype))
 
 
@@ -324,4 +329,5 @@ def _can_run(q, **_) -> str | None:
     return None
 
 
-register(Backend(name="shifted", apply=shifted_attention, can_run=_can_run, priority={"cpu": 10, "cuda": 5}))
+register(Backend(name="shifted", op="window", apply=shifted_attention, can_run=_can_run,
+                 priority={"cpu": 10, "cuda": 5}))

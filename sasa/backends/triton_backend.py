@@ -1,4 +1,6 @@
-"""The ``triton`` backend: fused Triton kernels for ``local_attention_2d`` (the training path on CUDA).
+"""The ``triton`` backend of both ops: fused Triton kernels (the training path on CUDA).
+
+The ``window`` op (``local_attention_2d``):
 
 The forward is one kernel (online softmax over the k*k offsets, nothing materialised); it saves only the output
 and a per-(pixel, head) fp32 log-sum-exp. The backward is two kernels, query-centric (dq and the relative-table
@@ -16,8 +18,12 @@ importing ``sasa`` never decorates a kernel. Triton itself must be first importe
 the interpreter to work (its ``tl.sum`` helpers are decorated at import, and torchvision imports triton):
 ``tests/conftest.py`` sets the variable before anything is imported.
 
-Status: complete and tested against ``reference`` in the interpreter; GPU speed measured by ``tools/gpu_check.py``.
-"""
+The ``stem`` op (``stem_attention``, maths in ``stem.py``) is two kernels (``triton_stem_kernels.py``): one program
+per 8 blocks reads the image where it lies and writes the NCHW output; the backward recomputes per block and
+reduces the parameter gradients per program (deterministic). Under ``torch.compile`` it declines (the compiler fuses
+the PyTorch form).
+
+Tested against ``reference`` in the interpreter; GPU speed measured by ``tools/gpu_check.py``."""
 
 import contextlib
 import importlib.util
@@ -28,6 +34,7 @@ from typing import Optional  # custom_op schema inference on torch 2.5 wants typ
 import torch
 from torch import Tensor
 
+from .. import settings
 from . import Backend, register
 
 MAX_HEAD_DIM = 128
@@ -35,10 +42,6 @@ MAX_KERNEL_SIZE = 11
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _KERNELS: dict = {}
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _kernels(interpret: bool, module: str = "triton_kernels"):
@@ -70,7 +73,7 @@ def _kernels(interpret: bool, module: str = "triton_kernels"):
 
 def kernels_for(device: torch.device, module: str = "triton_kernels"):
     """Interpreted kernels for CPU tensors (or when ``TRITON_INTERPRET=1``), compiled ones otherwise."""
-    return _kernels(device.type != "cuda" or _interpret_env(), module)
+    return _kernels(device.type != "cuda" or settings.triton_interpret(), module)
 
 
 def _on_device(q: Tensor):
@@ -156,16 +159,22 @@ def triton_attention(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale):
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
-def _can_run(q, *, k=None, rel_rows=None, rel_cols=None, kernel_size=None, padding=None, device=None,
-             **_) -> str | None:
+def _device_reason(device: torch.device) -> str | None:
     if not _TRITON_FOUND:
         return "Triton is not installed (pip install triton, Linux + CUDA)"
-    dev = torch.device(device) if device is not None else q.device
-    if dev.type == "cpu":
-        if not _interpret_env():
+    if device.type == "cpu":
+        if not settings.triton_interpret():
             return "needs CUDA tensors (CPU only through Triton's interpreter, TRITON_INTERPRET=1, for tests)"
-    elif dev.type != "cuda":
-        return f"needs CUDA tensors, got device {dev.type!r}"
+    elif device.type != "cuda":
+        return f"needs CUDA tensors, got device {device.type!r}"
+    return None
+
+
+def _can_run(q, *, k=None, rel_rows=None, rel_cols=None, kernel_size=None, padding=None, device=None,
+             **_) -> str | None:
+    reason = _device_reason(torch.device(device) if device is not None else q.device)
+    if reason:
+        return reason
     if q.dtype not in DTYPES:
         extra = " (use backend='reference' for float64 checks)" if q.dtype == torch.float64 else ""
         return f"dtype {q.dtype} is not supported, expected float32, bfloat16 or float16{extra}"
@@ -180,4 +189,48 @@ def _can_run(q, *, k=None, rel_rows=None, rel_cols=None, kernel_size=None, paddi
     return None
 
 
-register(Backend(name="triton", apply=triton_attention, can_run=_can_run, priority={"cuda": 20}))
+register(Backend(name="triton", op="window", apply=triton_attention, can_run=_can_run, priority={"cuda": 20}))
+
+
+class _StemAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g, pm, wv, block: int, out_dtype: torch.dtype):
+        ctx.save_for_backward(x, g, pm, wv)
+        ctx.block, ctx.out_dtype = block, out_dtype
+        with _on_device(x):
+            return kernels_for(x.device, "triton_stem_kernels").forward(x, g, pm, wv, block, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, g, pm, wv = ctx.saved_tensors
+        with _on_device(x):
+            dx, dg, dpm, dwv = kernels_for(x.device, "triton_stem_kernels").backward(dout, x, g, pm, wv, ctx.block,
+                                                                                     ctx.out_dtype)
+        return dx if ctx.needs_input_grad[0] else None, dg, dpm, dwv, None, None
+
+
+def stem_triton(x: Tensor, g: Tensor, pm: Optional[Tensor], wv: Tensor, *, block: int) -> Tensor:  # noqa: UP045
+    """The stem op on the image ``x`` itself (no blocked copy); returns ``(B, C_out, H, W)`` contiguous in the
+    autocast dtype (else x's); fp32 inside."""
+    device = x.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):
+        return _StemAttention.apply(x, g.contiguous(), pm.contiguous() if pm is not None else None, wv.contiguous(),
+                                    block, out_dtype)
+
+
+def _stem_can_run(x, *, block: int = 1, mixtures: int = 1, device=None, **_) -> str | None:
+    """The kernels' padded 16-wide dot operands hold the input channels times the mixtures, and a block's pixels."""
+    if torch.compiler.is_compiling():
+        return "under torch.compile the PyTorch form runs (the compiler fuses it)"
+    reason = _device_reason(torch.device(device) if device is not None else x.device)
+    if reason or x.dtype not in DTYPES:
+        return reason or f"dtype {x.dtype} is not supported, expected float32, bfloat16 or float16"
+    if x.shape[1] * mixtures > 16:
+        return f"in_channels x mixtures must be <= 16, got {x.shape[1]} x {mixtures}"
+    if block * block > 16:
+        return f"blocks of at most 16 pixels, got {block}x{block}"
+    return None
+
+
+register(Backend(name="triton", op="stem", apply=stem_triton, can_run=_stem_can_run, priority={"cuda": 20}))

@@ -34,11 +34,10 @@ Borders: ``MASK=False`` ("zeros") keeps out-of-image offsets in the softmax with
 This module is plain Triton. ``triton_backend`` loads it lazily, once per mode: compiled for CUDA tensors,
 interpreted (``TRITON_INTERPRET=1``) for CPU tensors. Do not import it from elsewhere.
 
-Status: complete; tile sizes measured on an H200 (``TILES``), heads per program (``HB``) compiled and tested but not
+Tile sizes measured on an H200 (``TILES``), heads per program (``HB``) compiled and tested but not
 yet timed on a GPU (``tools/tile_sweep.py --heads``; ``tools/kernel_resources.py`` gives registers and spills
 offline). Not yet at the hardware limit: each offset re-reads its shifted K / V tile through L1 (no shared-memory
-staging, no tensor cores), see BENCHMARKS.md.
-"""
+staging, no tensor cores), see BENCHMARKS.md."""
 
 
 import torch

@@ -1,4 +1,4 @@
-"""Triton kernels of the attention stem's block attention (``sasa/layers/stem_attention.py``), forward and backward.
+"""Triton kernels of the attention stem's block attention (``stem.py``), forward and backward.
 
 The same reassociated maths as the PyTorch op there, per ``S x S`` block of the *image* (``L = S*S`` pixels,
 ``C`` input channels, ``HEADS`` heads of ``D`` output channels, ``M`` value mixtures), as ``tl.dot`` products on
@@ -7,7 +7,7 @@ keys, ``y = P xm`` with the attended inputs ``xm[k, m*C + c] = pm[k, m] x_c[k]``
 values), output ``y W_h``. A program holds ``NB`` whole blocks as ``(NB, 16, 16)`` tiles (padding pixels and keys
 masked), reads the image straight from its ``(B, C, H, W)`` strides (no blocked copy) and writes the output in
 NCHW: nothing of size ``heads x L`` per pixel reaches memory. Needs ``C * M <= 16`` and blocks of up to 16 pixels
-(``stem_attention.triton_unsupported``).
+(the ``stem`` op's ``can_run`` in ``triton_backend.py``).
 
 - ``_stem_fwd_kernel``: the output.
 - ``_stem_bwd_kernel``: recomputes the forward per block, writes the image gradient, and one partial per program
@@ -20,9 +20,8 @@ bf16 / fp16 (autocast). An earlier version with explicit loops instead of dots l
 (shuffle trees everywhere): 3.6x (forward) and 4.5x (backward) more instructions per pixel offline.
 
 Plain Triton, loaded lazily by ``triton_backend`` (compiled for CUDA tensors, interpreted for CPU tensors in the
-tests). Status: correct against the textbook stem in the interpreter (tests); compiled offline for sm_90a; not yet
-run on a GPU (``tools/gpu_check.py`` checks it there).
-"""
+tests). Correct against the textbook stem in the interpreter (tests); compiled offline for sm_90a; not yet
+run on a GPU (``tools/gpu_check.py`` checks it there)."""
 
 import torch
 import triton

@@ -6,8 +6,6 @@ form and in its textbook form (``reference_forward``), on the model-mode batch a
 
 Forward is timed under ``torch.inference_mode``; forward+backward computes the gradients of the input and of
 every parameter from a fixed upstream gradient. Ratios are ``time / conv3x3 time`` of the same shape.
-
-Status: complete.
 """
 
 from __future__ import annotations
@@ -123,7 +121,7 @@ def stem_rows(cfg: BenchConfig, log=print) -> list[dict]:
     base = {"shape": f"{S}x{S}x3", "batch": B, "height": S, "width": S, "channels": 3}
     x = ((B, 3, S, S), torch.float32)
     impls = [("conv7x7/2 stem", None, lambda: nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), x),
-             ("attention stem", "stem", lambda: AttentionStem(3, 64, backend="torch"), x),
+             ("attention stem", "stem", lambda: AttentionStem(3, 64, backend="shifted"), x),
              ("attention stem textbook", "stem_reference", _TextbookStem, x)]
     if cfg.device.type == "cuda":  # the Triton kernels (the default there); on CPU they would be interpreted
         impls.insert(2, ("attention stem triton", "stem_triton", lambda: AttentionStem(3, 64, backend="triton"), x))

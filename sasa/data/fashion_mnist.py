@@ -1,20 +1,10 @@
 """Fashion-MNIST (Xiao et al. 2017): 60,000 training and 10,000 test 28x28 grey images in 10 classes.
 
-The default dataset of ``sasa train``. Lookup order (the first that has the four IDX files wins):
-
-1. with ``data_dir`` (``--data-dir``) named: the files there (as ``*-ubyte.gz`` or uncompressed, or torchvision's
-   ``FashionMNIST/raw/`` layout below it), else torchvision's downloader into it when the network allows; a named
-   folder is never replaced by another source;
-2. without: ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package, which ``make data``
-   installs), then ``~/.cache/sasa`` (filled by torchvision's downloader when the network allows);
-3. otherwise ``FileNotFoundError`` listing what was looked for where, and how to get the files.
-
-``SASA_NO_DOWNLOAD=1`` skips the download step.
-
-The images stay in memory as one uint8 tensor ``(N, 1, 28, 28)``; samples are returned untransformed
-(``(uint8 tensor (1, 28, 28), label)``) and ``sasa.data.transforms`` does the rest.
-
-Status: complete.
+The default dataset of ``sasa train``. The first place with the four IDX files wins: a named ``data_dir`` (``*-ubyte``
+files, gzipped or not, or torchvision's ``FashionMNIST/raw/``; else torchvision's download into it; a named folder is
+never replaced by another source); without one, ``/usr/share/datasets/fashion-mnist`` (Debian's package, ``make
+data``), then ``~/.cache/sasa`` (downloaded); otherwise ``FileNotFoundError`` saying what was looked for where.
+``SASA_NO_DOWNLOAD=1`` skips downloads. Images stay in memory as uint8 ``(N, 1, 28, 28)``, returned untransformed.
 """
 
 from __future__ import annotations
@@ -27,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from ..settings import no_download
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -59,7 +51,7 @@ def _folder_has_all(folder: Path) -> bool:
 
 def _download(root: Path) -> bool:
     """torchvision's downloader; ``False`` when offline or disabled."""
-    if os.environ.get("SASA_NO_DOWNLOAD", "") not in ("", "0"):
+    if no_download():
         return False
     from torchvision.datasets import FashionMNIST
 

@@ -12,10 +12,7 @@ Decisions the paper leaves open, taken as SPEC section 1 states them:
 
 The three projections run as one fused 1x1 convolution; q, k, v are strided channels-last views of its output, so
 no copy is made between the projection and the op. ``recompute_qkv=True`` drops that output after the forward and
-recomputes it in the backward (``recompute.py``): less memory, one more 1x1 projection.
-
-Status: complete.
-"""
+recomputes it in the backward (``recompute.py``): less memory, one more 1x1 projection."""
 
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..functional import PADDING_MODES, check_kernel_size, local_attention_2d
+from ..functional import PADDING_MODES, attention_probs, check_kernel_size, local_attention_2d
 from .positional import sinusoidal_2d
 from .recompute import recompute_saved_views
 
@@ -164,10 +161,9 @@ class SelfAttention2d(nn.Module):
         Entry ``[..., a, b]`` is the weight of the neighbour at offset ``(a - k//2, b - k//2)``.
         Computed with the reference backend, whatever ``backend`` the layer uses for its forward.
         """
-        from ..backends.reference import attention_probs
-
         q, k, _ = self.project(x)
-        return attention_probs(q, k, self.rel_rows, self.rel_cols, self.kernel_size, self.padding, self.scale)
+        return attention_probs(q, k, self.rel_rows, self.rel_cols, kernel_size=self.kernel_size, padding=self.padding,
+                               scale=self.scale)
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}", f"heads={self.heads}"]

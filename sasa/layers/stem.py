@@ -1,26 +1,16 @@
 """``AttentionStem``: the paper's attention replacement for ResNet's 7x7/2 convolution stem (SPEC section 2).
 
-Self-attention runs inside each non-overlapping ``block_size x block_size`` block of the input (16 pixels attend
-to each other for the default 4), with ``heads`` heads and content-only logits q.k: spatial information enters
-through the *values*. Variants (``values=``):
+Self-attention inside each non-overlapping ``block_size x block_size`` block, ``heads`` heads, content-only logits
+q.k: spatial information enters through the values (``values=``): ``"spatial"`` (default, the paper's
+spatially-aware values, ``v_ab = (sum_m p(a,b,m) W_V^m) x_ab`` with ``p(a,b,.) = softmax_m((emb_row[a] +
+emb_col[b]) . nu_m)``; ``mixtures=4`` and ``embed_dim=16`` are our choices), ``"plain"`` (``v = W_V x``, the
+ablation's weak baseline) or ``"conv"`` (values from a ``conv_kernel`` convolution, our reading).
 
-- ``"spatial"`` (default, the paper's spatially-aware values): ``v_ab = (sum_m p(a,b,m) W_V^m) x_ab`` with
-  ``p(a,b,.) = softmax_m((emb_row[a] + emb_col[b]) . nu_m)``; ``mixtures`` = m = 4 value matrices. The paper does
-  not state m or the embedding width; 4 and ``embed_dim=16`` are our choices (SPEC section 2).
-- ``"plain"``: ``v = W_V x`` (permutation-invariant inside a block: the ablation's weak baseline).
-- ``"conv"``: values from a ``conv_kernel x conv_kernel`` convolution (our reading of the paper's conv-values stem).
-
-Two formulations: ``forward`` runs spatial and plain values through ``stem_attention.stem_block_attention``, an exact
-reassociation around the 3-channel input that never forms q / k / v and keeps only the input for the backward
-(about 3x faster and half the peak memory of the textbook path on CPU, BENCHMARKS.md), on CUDA as two Triton
-kernels (``stem_attention.stem_triton``; ``backend=`` picks); ``reference_forward`` is the textbook q / k / v
-formulation, the oracle in the tests and the path of conv values.
-
-This module is only the attention; the model adds BatchNorm, ReLU and the 4x4/4 max pool after it, keeping
-torchvision's ``conv1 / bn1 / relu / maxpool`` attribute contract. Input height and width must be multiples of
-``block_size``.
-
-Status: complete.
+``forward`` runs spatial and plain values through ``sasa.functional.stem_attention``, an exact reassociation around
+the 3-channel input that never forms q / k / v (about 3x faster, half the peak memory on CPU; Triton kernels on
+CUDA), dispatched by the backend registry like ``local_attention_2d``; ``reference_forward`` is the textbook
+formulation, the tests' oracle and the conv-values path. The model adds BatchNorm, ReLU and the 4x4/4 max pool; input
+sides must be multiples of ``block_size``.
 """
 
 from __future__ import annotations
@@ -31,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .stem_attention import stem_block_attention, stem_triton, use_triton
+from .. import backends
+from ..functional import stem_attention
 
 STEM_VALUES = ("spatial", "plain", "conv")
 
@@ -61,16 +52,16 @@ class AttentionStem(nn.Module):
         embed_dim: width of the row / column / mixture embeddings for spatially-aware values.
         conv_kernel: kernel size of the value convolution for ``values="conv"``.
         scale: logit scale (1.0, as in the layers).
-        backend: ``"torch"`` or ``"triton"`` for the spatial / plain values' op; None: Triton on CUDA, else PyTorch
-            (``SASA_STEM_BACKEND`` overrides the automatic choice).
+        backend: the ``stem`` op's backend for spatial / plain values (``"shifted"``, ``"triton"``, ``"reference"``,
+            see ``sasa.backends``); None: Triton on CUDA, else ``shifted`` (``SASA_STEM_BACKEND`` overrides that).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 64, *, block_size: int = 4, heads: int = 4,
                  values: str = "spatial", mixtures: int = 4, embed_dim: int = 16, conv_kernel: int = 3,
                  scale: float = 1.0, backend: str | None = None) -> None:
         super().__init__()
-        if backend not in (None, "torch", "triton"):
-            raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+        if backend is not None:
+            backends.get(backend, "stem")  # an unknown name fails here, naming the valid ones
         self.backend = backend
         if out_channels % heads:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
@@ -126,12 +117,11 @@ class AttentionStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` -> ``(B, C_out, H, W)``: the reassociated op for spatial / plain values (exact, see
-        ``stem_attention.py``), ``reference_forward`` for conv values (their values are not linear in one pixel)."""
+        ``sasa/backends/stem.py``), ``reference_forward`` for conv values (their values are not linear in one pixel)."""
         if self.values == "conv":
             return self.reference_forward(x)
         self._check(x)
-        B, C, H, W = x.shape
-        s, heads = self.block_size, self.heads
+        C, s, heads = x.shape[1], self.block_size, self.heads
         d = self.out_channels // heads
         wq, wk = self.query.weight.view(heads, d, C), self.key.weight.view(heads, d, C)
         g = torch.einsum("hoc,hoe->che", wq, wk).reshape(C, heads * C) * self.scale  # G_h = W_Q,h^T W_K,h
@@ -141,10 +131,7 @@ class AttentionStem(nn.Module):
         else:
             pm = None
             wv = self.value.weight.view(heads, d, C).transpose(1, 2)  # (heads, C_in, d)
-        if use_triton(x, self.backend, s, self.mixtures if pm is not None else 1):
-            return stem_triton(x, g, pm, wv.reshape(heads, -1, d), block=s)
-        xb = self._blocks(x).flatten(0, 2)  # (B*Hb*Wb, s*s, C_in)
-        return stem_block_attention(xb, g, pm, wv.reshape(heads, -1, d), shape=(B, H // s, W // s, s))
+        return stem_attention(x, g, pm, wv.reshape(heads, -1, d), block=s, backend=self.backend)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The textbook formulation: q, k, v projections of every pixel, softmax(q k^T) v per block and head.

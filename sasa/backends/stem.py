@@ -1,7 +1,7 @@
-"""The attention stem's block attention, reassociated around its 3-channel input, as one memory-lean op.
+"""The ``stem`` op's ``shifted`` and ``reference`` backends: the attention stem's block attention, reassociated.
 
-``AttentionStem`` (``stem.py``) attends inside ``s x s`` blocks of the *image*, whose few input channels ``C``
-(3 for RGB) are far narrower than the ``heads * d`` projected channels. Two exact rewrites use that:
+``AttentionStem`` (``sasa/layers/stem.py``) attends inside ``s x s`` blocks of the *image*, whose few input channels
+``C`` (3 for RGB) are far narrower than the ``heads * d`` projected channels. Two exact rewrites use that:
 
 - logits: ``q_a . k_b = x_a^T (W_Q,h^T W_K,h) x_b``: one ``C x C`` matrix ``G_h`` per head, so a logit is a
   C-term dot product instead of a d-term one and no q / k tensor is ever formed;
@@ -19,25 +19,20 @@ and its backward in fp32.
 
 Layouts: ``xb`` ``(N, L, C)`` with N = batch * blocks (row-major: batch, block row, block column) and L = s * s
 (row-major inside the block); ``pm`` ``(L, M)``; ``g`` ``(C, heads * C)``; ``wv`` ``(heads, J, d)`` with J = M * C
-(J = C for plain values, ``pm=None``).
+(J = C for plain values, ``pm=None``). The op itself takes the image ``x`` ``(B, C, H, W)`` and returns
+``(B, heads * d, H, W)`` (``sasa.functional.stem_attention``).
 
-On CUDA the same maths runs as two Triton kernels (``stem_triton``, kernels in
-``sasa/backends/triton_stem_kernels.py``): one program per 8 blocks reads the image where it lies and writes the
-NCHW output, the backward recomputes per block and reduces the parameter gradients per program (deterministic).
-``SASA_STEM_BACKEND=torch|triton`` overrides the choice (``triton`` on CPU runs Triton's interpreter: tests only);
-under ``torch.compile`` the PyTorch form runs.
-
-Status: complete; exact (float64 gradcheck, and tests against the textbook formulation
-``AttentionStem.reference_forward``); the Triton path tested against it in the interpreter, not yet timed on a GPU.
-Measured in BENCHMARKS.md.
-"""
+``reference`` is the same maths with plain autograd (it keeps the probabilities and the mixed inputs): the op's oracle,
+beside the textbook q / k / v formulation ``AttentionStem.reference_forward`` that the layer tests use. The ``triton``
+backend (``triton_backend.py``, kernels in ``triton_stem_kernels.py``) is the default on CUDA; under
+``torch.compile`` the PyTorch form runs. Exact: float64 gradcheck and tests against ``reference_forward``; measured in
+BENCHMARKS.md."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
+
+from . import Backend, register
 
 
 def _probabilities(xb: torch.Tensor, g: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,70 +209,33 @@ def stem_block_attention(xb: torch.Tensor, g: torch.Tensor, pm: torch.Tensor | N
     return _StemAttention.apply(xb, g, pm, wv, shape)
 
 
-def triton_unsupported(in_channels: int, mixtures: int, block: int) -> str | None:
-    """Why the stem's Triton kernels cannot run a stem, or None: the input channels and the attended inputs
-    (``mixtures x in_channels``) must fit their 16-wide padded dot operands, and a block 16 pixels."""
-    if in_channels * mixtures > 16:
-        return f"in_channels x mixtures must be <= 16, got {in_channels} x {mixtures}"
-    if block * block > 16:
-        return f"blocks of at most 16 pixels, got {block}x{block}"
+def _blocks(x: torch.Tensor, s: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """The image ``(B, C, H, W)`` in ``s x s`` blocks, ``xb`` ``(N, L, C)``, and ``shape`` ``(B, H / s, W / s, s)``."""
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // s, s, W // s, s)  # (B, C, Hb, s, Wb, s)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, s * s, C), (B, H // s, W // s, s)  # (B*Hb*Wb, s*s, C)
+
+
+def stem_shifted(x, g, pm, wv, *, block: int) -> torch.Tensor:
+    """The ``shifted`` backend's ``apply``: arguments as ``sasa.functional.stem_attention``."""
+    xb, shape = _blocks(x, block)
+    return stem_block_attention(xb, g, pm, wv, shape=shape)
+
+
+def stem_reference(x, g, pm, wv, *, block: int) -> torch.Tensor:
+    """The ``reference`` backend's ``apply``: the op by plain autograd, nothing recomputed."""
+    xb, shape = _blocks(x, block)
+    heads, J, d = wv.shape
+    y = _to_raster(_probabilities(xb, g, heads)[1].to(xb.dtype) @ _mixed(xb, pm), shape)  # (B, H*W, heads*J)
+    out = torch.einsum("bnhj,hjd->bhdn", y.unflatten(2, (heads, J)), wv)  # (B, heads, d, H*W)
+    return out.reshape(x.shape[0], heads * d, *x.shape[2:])
+
+
+def _can_run(x, **_) -> str | None:
     return None
 
 
-def use_triton(x: torch.Tensor, backend: str | None = None, block: int = 4, mixtures: int = 1) -> bool:
-    """Whether the stem runs the Triton kernels: ``backend`` ("torch" / "triton") if given, else the
-    ``SASA_STEM_BACKEND`` environment variable if set, else Triton on CUDA for fp32 / bf16 / fp16 images whose
-    shape the kernels take (``triton_unsupported``: blocks of up to 16 pixels, channels x mixtures up to
-    16). Under ``torch.compile`` always the PyTorch form (the compiler fuses it). Forcing Triton on a shape it does
-    not take raises."""
-    choice = backend if backend is not None else os.environ.get("SASA_STEM_BACKEND", "").strip().lower()
-    if choice not in ("", "torch", "triton"):
-        raise ValueError(f"the stem backend must be 'torch' or 'triton' (argument or SASA_STEM_BACKEND), "
-                         f"got {choice!r}")
-    if torch.compiler.is_compiling() or choice == "torch":
-        return False
-    reason = triton_unsupported(x.shape[1], mixtures, block)
-    if choice == "triton":
-        if reason:
-            raise ValueError(f"the stem's Triton kernels cannot run this stem: {reason}")
-        return True
-    if reason or not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _stem_kernels(device: torch.device):
-    from ..backends.triton_backend import kernels_for
-
-    return kernels_for(device, "triton_stem_kernels")
-
-
-class _StemAttentionTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, g, pm, wv, block: int, out_dtype: torch.dtype):
-        ctx.save_for_backward(x, g, pm, wv)
-        ctx.block, ctx.out_dtype = block, out_dtype
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            return _stem_kernels(x.device).forward(x, g, pm, wv, block, out_dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, g, pm, wv = ctx.saved_tensors
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            dx, dg, dpm, dwv = _stem_kernels(x.device).backward(dout, x, g, pm, wv, ctx.block, ctx.out_dtype)
-        return dx if ctx.needs_input_grad[0] else None, dg, dpm, dwv, None, None
-
-
-def stem_triton(x: torch.Tensor, g: torch.Tensor, pm: torch.Tensor | None, wv: torch.Tensor, *,
-                block: int) -> torch.Tensor:
-    """``stem_block_attention`` on the image ``x`` ``(B, C, H, W)`` itself (no blocked copy), in the Triton kernels;
-    parameters as there, returns ``(B, C_out, H, W)`` contiguous in the autocast dtype (else x's). fp32 inside."""
-    device = x.device.type
-    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    with torch.autocast(device, enabled=False):
-        return _StemAttentionTriton.apply(x, g.contiguous(), pm.contiguous() if pm is not None else None,
-                                          wv.contiguous(), block, out_dtype)
+register(Backend(name="shifted", op="stem", apply=stem_shifted, can_run=_can_run, priority={"cpu": 10, "cuda": 5,
+                                                                                           "meta": 10}))
+register(Backend(name="reference", op="stem", apply=stem_reference, can_run=_can_run,
+                 priority={"cpu": 0, "cuda": 0, "meta": 0}))
