@@ -11,13 +11,12 @@ Status: complete.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .. import backends as _backends
+from .. import backends, settings
 from ..models import create_model
 from .config import LABELS, BenchConfig
 from .timing import is_oom, peak_mb, sync, time_ms, top_ops
@@ -27,25 +26,6 @@ def _has_attention(model: torch.nn.Module) -> bool:
     from ..layers.attention import SelfAttention2d
 
     return any(isinstance(m, SelfAttention2d) for m in model.modules())
-
-
-@contextlib.contextmanager
-def _record_backends():
-    """Collect the names of the backends the automatic choice picks while the block runs (per layer shape, some
-    backends decline some shapes)."""
-    used: set[str] = set()
-    original = _backends.default_for
-
-    def recording(q, **kwargs):
-        backend = original(q, **kwargs)
-        used.add(backend.name)
-        return backend
-
-    _backends.default_for = recording
-    try:
-        yield used
-    finally:
-        _backends.default_for = original
 
 
 def parse_model(spec: str) -> tuple[str, dict]:
@@ -78,13 +58,13 @@ def _measure(spec: str, cfg: BenchConfig) -> dict:
 
     model.train()
     t0 = time.perf_counter()
-    with _record_backends() as used:
+    with backends.record() as used:  # the window op's choice per layer shape (some backends decline some shapes)
         train_step()  # first call: compilation, kernel selection, allocator warm-up
     sync(cfg.device)
     row["first_step_s"] = time.perf_counter() - t0
     if attention:
-        names = sorted(used) or [cfg.backend or _backends.env_default() or "?"]
-        how = "" if cfg.backend else " (SASA_BACKEND)" if _backends.env_default() else " (auto)"
+        names = sorted(name for op, name in used if op == "window") or ["?"]
+        how = "" if cfg.backend else " (SASA_BACKEND)" if settings.backend("window") else " (auto)"
         row["backend"] = "+".join(LABELS.get(n, n) for n in names) + how
     row["train_ms"] = time_ms(train_step, cfg.device, warmup=cfg.model_warmup, repeats=cfg.model_repeats)
     row["train_img_s"] = cfg.model_batch / row["train_ms"]["median"] * 1e3

@@ -42,10 +42,10 @@ def attention_backend(device: torch.device) -> str:
     """The local-attention backend that layers without an explicit ``backend=`` run on ``device``: ``"inductor
     (auto)"``, ``"shifted (SASA_BACKEND)"``, ... (results differ between backends in the last bits, so a run says
     which one it had)."""
-    from .. import backends
     from ..functional import available_backends
+    from ..settings import backend
 
-    forced = backends.env_default()
+    forced = backend("window")
     if forced:
         return f"{forced} (SASA_BACKEND)"
     names = available_backends(device)
