@@ -7,8 +7,6 @@ handler; handlers import their engine lazily so ``sasa --help`` stays fast.
 Inductor's compiled kernels go to a cache directory that outlives the process and its temporary directory
 (``inductor_cache_dir``), so that a later command (``sasa train --resume``, another ``sasa bench``) loads them
 instead of compiling them again.
-
-Status: ``info`` here; other commands are added by their engines.
 """
 
 from __future__ import annotations
@@ -88,11 +86,11 @@ def _run_info(args) -> int:
 
 def _model_args(text: str) -> dict:
     """``"in_chans=1,stem=small,attention_stages=(3, 4)"`` -> dict, the syntax of ``sasa train --model-args``."""
-    from .engine.config import ConfigError, parse_model_args
+    from .models.args import parse_model_args
 
     try:
         return parse_model_args([text])
-    except ConfigError as err:
+    except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
@@ -205,7 +203,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from .engine import config as cfg_mod
-    from .engine.runner import config_for_resume, train
+    from .engine.train import config_for_resume, train
 
     overrides = cfg_mod.overrides_from_args(args)
     if args.resume:
@@ -236,7 +234,7 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from .engine.runner import evaluate_weights, format_eval
+    from .engine.evaluate import evaluate_weights, format_eval
 
     result = evaluate_weights(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                               batch_size=args.batch_size, model=args.model, ema=args.ema, device=args.device,

@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from sasa.cli import main
-from sasa.engine import load_checkpoint
-from sasa.engine.checkpoint import load_safetensors
+from sasa.io.checkpoint import load_checkpoint, load_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "test_resnet", "--dataset", "synthetic", "--train-subset", "320", "--batch-size", "32",
@@ -83,6 +82,7 @@ def test_run_directory_contents(reference_run):
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and "commit" in env and env["device"] == "cpu"
     assert env["attention_backend"] == "shifted (SASA_BACKEND)"  # tests/conftest.py sets it
+    assert env["cpu_malloc"] != "default (not changed)"  # `sasa train` applies the process settings (sasa.process)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     assert [r["step"] for r in records if r["kind"] == "step"] == [5, 10, 15, 20]

@@ -27,7 +27,7 @@ from sasa.detection.data import CocoDetection, collate, train_transforms, write_
 from sasa.detection.draw import draw_detections
 from sasa.detection.retinanet import _DenseForward
 from sasa.engine import config as C
-from sasa.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
+from sasa.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
 from sasa.layers import SelfAttention2d
 
 # The five rows of SPEC section 4 at 80 classes, BatchNorm affine weights counted as parameters (FrozenBN, which

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sasa.data.synthetic import MEAN, STD, SyntheticImages
-from sasa.engine.checkpoint import load_safetensors
 from sasa.engine.distributed import all_reduce_mean, cleanup, init_distributed
 from sasa.engine.optim import build_optimizer
 from sasa.engine.syncbn import DistributedBatchNorm2d, convert_sync_batchnorm
+from sasa.io.checkpoint import load_safetensors
 from sasa.models import create_model
 
 # ---- float64: the DDP + sync-BN path is exact -----------------------------------------------------------------------
@@ -82,7 +82,7 @@ def _train(model: nn.Module, module: nn.Module, batches, *, rank: int = 0, world
 
 
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
-    """One rank: the project's process-group entry, sync-BN conversion and DDP wrapping, as ``runner._train``."""
+    """One rank: the project's process-group entry, sync-BN conversion and DDP wrapping, as ``train._train``."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     # file:// rendezvous (no port to pick); init_distributed then finds the group and reports this rank
@@ -205,7 +205,7 @@ def _drift(one: Path, two: Path, seed: int = SEED) -> dict[str, float]:
     every float tensor of ``model.safetensors`` and ``model_ema.safetensors``, max |two - one| / max |one - init|
     (keys ``"FILE:TENSOR"``), and over all of a file's float tensors together, |two - one| / |one - init| in the
     2-norm (keys ``"FILE"``). Integer tensors (BN batch counts) must be equal."""
-    torch.manual_seed(seed)  # as runner._train: the run's seed right before create_model
+    torch.manual_seed(seed)  # as train._train: the run's seed right before create_model
     init = create_model("test_resnet", num_classes=10, in_chans=3).state_dict()
     drift = {}
     for name in ("model.safetensors", "model_ema.safetensors"):

@@ -17,20 +17,23 @@ import yaml
 from torch import nn
 
 import sasa
-from sasa.engine import GracefulStop, MetricsLogger, load_checkpoint, plot_metrics, save_checkpoint
+from sasa.engine import GracefulStop, MetricsLogger, plot_metrics
 from sasa.engine import config as C
-from sasa.engine.checkpoint import (
-    CheckpointError,
-    check_compatible,
-    load_safetensors,
-    load_state_dict_checked,
-    save_safetensors,
-)
-from sasa.engine.classify import ClassificationTrainer, NonFiniteLossError, accuracy_counts
+from sasa.engine.classify import ClassificationTask, NonFiniteLossError, accuracy_counts
 from sasa.engine.distributed import init_distributed
 from sasa.engine.ema import build_ema
 from sasa.engine.optim import build_optimizer, build_scheduler, no_weight_decay, warmup_cosine
-from sasa.engine.runner import precheck
+from sasa.engine.train import precheck
+from sasa.engine.trainer import Trainer
+from sasa.io.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    load_safetensors,
+    load_state_dict_checked,
+    save_checkpoint,
+    save_safetensors,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +67,7 @@ def test_sigkill_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import torch, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from sasa.engine.checkpoint import save_checkpoint
+        from sasa.io.checkpoint import save_checkpoint
         i = 0
         while True:
             i += 1
@@ -274,9 +277,10 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_pat
         saved.append(trainer.progress.global_step)
         save_checkpoint(tmp_path / "last.pt", {"model": model.state_dict(), "step": trainer.progress.global_step})
 
-    trainer = ClassificationTrainer(model=model, module=model, optimizer=opt, scheduler=None, train_loader=loader,
-                                    val_loader=None, dist=init_distributed("cpu"), epochs=2, checkpoint_every=2,
-                                    save=save, quiet=True, print_fn=lambda m: None)
+    dist = init_distributed("cpu")
+    trainer = Trainer(task=ClassificationTask(val_loader=None, device=dist.device), model=model, module=model,
+                      optimizer=opt, scheduler=None, train_loader=loader, dist=dist, epochs=2, checkpoint_every=2,
+                      save=save, quiet=True, print_fn=lambda m: None)
     good = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 5/8 \(global step 5\)"):
         trainer.fit()
@@ -294,13 +298,12 @@ def test_default_config_file_parses_as_yaml():
 
 _FREED_MEMORY_PROBE = textwrap.dedent("""
     import torch
-    from sasa.engine.cpu_memory import allocator_state
-    from sasa.engine.distributed import init_distributed
+    from sasa.process import allocator_state, configure_process
 
     def rss_mb():
         return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
-    init_distributed("cpu")
+    configure_process("cpu")
     x = torch.ones(32 * 2**20 // 4)  # 32 MiB, above glibc's largest mmap threshold
     before = rss_mb()
     del x

@@ -196,7 +196,7 @@ def test_show_attention_cli_random_init(tmp_path, capsys):
 
 
 def test_show_attention_cli_reads_run_config_and_weights(tmp_path, capsys):
-    from sasa.engine.checkpoint import save_checkpoint, save_safetensors
+    from sasa.io.checkpoint import save_checkpoint, save_safetensors
 
     args = {"in_chans": 1, "stem": "small", "kernel_size": 5}
     model = sasa.create_model("test_sasa_resnet", num_classes=7, **args)

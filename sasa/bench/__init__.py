@@ -10,8 +10,6 @@
 Every run records the command, commit, device, torch version, dtype, batch and date beside its numbers (table on
 stdout, JSON with ``--out``). Presets per device in ``sasa.bench.config``; CUDA events on GPU, median of repeats
 with min / max / quartiles. ``python -m sasa.bench ...`` is ``sasa bench ...``.
-
-Status: complete.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import sys
 
 import torch
 
-from ..engine.cpu_memory import keep_freed_memory
+from ..process import keep_freed_memory
 from .config import MODES, BenchConfig, preset, stage_shapes
 from .report import render, write_json
 from .timing import environment

@@ -5,8 +5,6 @@ fixed random batch. Inference is a forward in eval mode under ``torch.inference_
 model's training images/s by the first attention-free model's in the same run (SPEC section 7's "ratio to conv").
 A model entry may carry constructor arguments after ``@``: ``sasa_resnet50_convstem@recompute_qkv=True`` (several
 ``@key=value`` parts allowed), so variants of one model are measured side by side.
-
-Status: complete.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ def _has_attention(model: torch.nn.Module) -> bool:
 
 def parse_model(spec: str) -> tuple[str, dict]:
     """``"name@key=value@key=value"`` -> ``(name, {key: value})`` (values as Python literals, else strings)."""
-    from ..engine.config import parse_model_args
+    from ..models.args import parse_model_args
 
     name, *args = spec.split("@")
     return name, parse_model_args(args)

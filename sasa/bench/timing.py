@@ -12,8 +12,6 @@
   trace lines at every start and stop, its failed GPU probe on a machine without one, c10's note that memory
   allocated before profiling has no free event) is kept out of the tables: stderr's file descriptor goes to a
   temporary file while the profiler runs, and every other line is written back.
-
-Status: complete.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..engine.cpu_memory import allocator_state
+from ..process import allocator_state
 
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated during the call minus memory_allocated before it",

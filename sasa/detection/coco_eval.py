@@ -1,11 +1,6 @@
-"""COCO box evaluation with pycocotools' ``COCOeval``: detections -> results JSON -> mAP, AP50, AP75, APs/m/l.
-
-Every rank converts its own detections to COCO result records (xywh boxes in original-image pixels, the dataset's
-own category ids); ``gather_records`` collects them on every rank with ``all_gather_object``; the main rank runs
-``COCOeval`` on the images that were evaluated. The metrics are percentages, as the paper reports them; keys are
-lower case (``map``, ``map50``, ...) so ``sasa.engine.metrics.plot_metrics`` draws them.
-
-Status: complete.
+"""COCO box evaluation with pycocotools' ``COCOeval``: each rank's detections -> COCO result records (xywh in
+original pixels, the dataset's category ids) -> ``gather_records`` -> mAP, AP50, AP75, APs/m/l on the main rank, in
+percent as the paper reports them, lower-case keys (``map``, ``map50``, ...) that ``plot_metrics`` draws.
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..engine.atomic import atomic_write_text
+from ..io.atomic import atomic_write_text
 
 # COCOeval.stats indices 0..5, the paper's columns and the size breakdown
 METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large")

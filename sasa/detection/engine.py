@@ -1,17 +1,8 @@
-"""Wiring for ``sasa detect-train`` and ``sasa detect-eval``: a validated ``DetectConfig`` in, the detector, COCO
-data and optimiser built and handed to the shared ``sasa.engine.trainer.Trainer`` with a ``DetectionTask``, a run
-directory out (``sasa.engine.rundir``, the same as ``sasa train``'s: config.yaml, env.json, metrics.jsonl,
-last.pt / last.prev.pt / best.pt (best mAP), summary.json (final COCO metrics), metrics.png). One process or
-torchrun.
-
-Crash safety and resume come from the shared path: atomic writes; ``last.pt`` every ``checkpoint_every`` steps, at
-every epoch end and on SIGINT/SIGTERM (exit 128 + signal); ``--resume RUN_DIR`` continues at the same step with the
-run's own config.yaml; a finished run's resume changes nothing and exits 0; an unreadable checkpoint names the
-usable ones. The augmentation's random draws are not replayed, so a resumed run is not bit-identical to an
-uninterrupted one.
-
-Status: complete; verified on CPU (one process and 2-process gloo) on synthetic COCO-format data, not on COCO.
-"""
+"""``sasa detect-train`` and ``sasa detect-eval``: a validated ``DetectConfig`` in, the detector, COCO data and
+optimiser built and handed to the shared ``Trainer`` with a ``DetectionTask``, the same run directory, resume and
+exit codes as ``sasa train`` out (``summary.json`` holds the final COCO metrics). The augmentation's random draws
+are not replayed, so a resumed run is not bit-identical to an uninterrupted one. Verified on CPU (one process and
+2-process gloo) on synthetic COCO-format data, not on COCO."""
 
 from __future__ import annotations
 
@@ -27,13 +18,14 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from ..engine import config as C
 from ..engine import rundir
-from ..engine.checkpoint import CheckpointError, load_checkpoint
-from ..engine.distributed import barrier, cleanup, init_distributed
+from ..engine.distributed import barrier, cleanup, init_distributed, parallelize
 from ..engine.environment import collect_environment
 from ..engine.metrics import plot_metrics
 from ..engine.rundir import say
 from ..engine.signals import GracefulStop
 from ..engine.trainer import NonFiniteLossError, Trainer, amp_dtype
+from ..io.checkpoint import CheckpointError, load_checkpoint
+from ..process import configure_process
 from .coco_eval import METRICS, format_table, write_json
 from .config import DetectConfig, run_name
 from .data import CocoDetection, collate, eval_transforms, train_transforms
@@ -103,9 +95,8 @@ def train(cfg: DetectConfig) -> int:
         rundir.say_finished(rundir.resume_paths(cfg.resume)[0], summary, f"mAP {summary['metrics']['map']:.2f}",
                             COMMAND)
         return 0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     dist = init_distributed(cfg.device)
+    configure_process(dist.device, threads=cfg.threads)
     try:
         return _train(cfg, dist)
     finally:
@@ -115,7 +106,7 @@ def train(cfg: DetectConfig) -> int:
 def _train(cfg: DetectConfig, dist) -> int:
     from ..data import ResumableDistributedSampler
     from ..engine.ema import build_ema
-    from ..engine.optim import build_optimizer, build_scheduler, scaled_lr
+    from ..engine.optim import optimization_for
     from ..engine.syncbn import convert_sync_batchnorm
 
     train_set = build_dataset(cfg, "train", warn=dist.is_main)
@@ -143,9 +134,7 @@ def _train(cfg: DetectConfig, dist) -> int:
     if amp is not None:
         enable_bf16_(module)
     ema = build_ema(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    model = torch.compile(module) if cfg.compile else module
-    if dist.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = parallelize(module, dist, compile=cfg.compile)
     sampler = ResumableDistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
@@ -153,12 +142,7 @@ def _train(cfg: DetectConfig, dist) -> int:
     val_loader = eval_loader(val_set, dist, batch_size=cfg.eval_batch_size, workers=cfg.workers,
                              max_images=cfg.eval_max_images)
     steps_per_epoch = sampler.num_samples // per_rank
-    lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_base_batch)
-    optimizer = build_optimizer(module, name=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
-                                momentum=cfg.momentum, nesterov=cfg.nesterov)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * max(steps_per_epoch, 1), warmup_steps=warmup,
-                                min_ratio=cfg.min_lr_ratio)
+    lr, optimizer, scheduler = optimization_for(cfg, module, steps_per_epoch)
 
     with GracefulStop() as stop:
         task = DetectionTask(val_loader=val_loader, val_set=val_set, dist=dist, amp_dtype=amp)
@@ -173,7 +157,8 @@ def _train(cfg: DetectConfig, dist) -> int:
         say(dist, f"{COMMAND}: {name}: {sum(p.numel() for p in module.parameters()) / 1e6:.2f}M params, "
                   f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, global batch "
                   f"{cfg.batch_size} = {dist.world_size} x {per_rank}, lr {lr:.4g}, {steps_per_epoch} steps/epoch, "
-                  f"warm-up {warmup} steps, {steps_per_epoch * cfg.epochs} steps in all -> {run.path}")
+                  f"warm-up {round(cfg.warmup_epochs * steps_per_epoch)} steps, {steps_per_epoch * cfg.epochs} "
+                  f"steps in all -> {run.path}")
         try:
             status = trainer.fit()
         except NonFiniteLossError as err:
@@ -220,6 +205,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config_file: str | os.
     cfg = C.resolve(config_file, {**trained, **(overrides or {})}, schema=DetectConfig)
     cfg.weights_backbone = None  # the checkpoint holds every weight
     dist = init_distributed(cfg.device)
+    configure_process(dist.device, threads=cfg.threads)
     val_set = build_dataset(cfg, "val", warn=dist.is_main)
     num_classes = meta.get("num_classes") or cfg.num_classes or val_set.num_classes
     if meta.get("cat_ids") not in (None, val_set.cat_ids):

@@ -1,23 +1,13 @@
-"""RetinaNet builders for SPEC section 4: SASA backbones from ``sasa.models`` x conv or attention FPN + heads.
+"""RetinaNet builders for SPEC section 4 (the paper's table 5): ``sasa.models`` backbones x conv or attention heads.
 
-Paper: Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019, table 5 (COCO, RetinaNet).
-Everything is torchvision's: the backbone is a registered ``sasa.models`` ResNet (imported, never copied), wrapped
-by the public ``BackboneWithFPN`` (C3-C5 -> P3-P5) with ``LastLevelP6P7`` computing P6 from **P5**, as
-torchvision's ``retinanet_resnet50_fpn`` (v1) does; ``RetinaNet`` brings the anchors, matching, focal and box
-losses, transform and post-processing. ``heads="attention"`` swaps the FPN's 3x3 convolutions, P6/P7 and the
-class/box subnets for the attention versions of ``sasa.detection.heads``.
+Everything is torchvision's: a registered ``sasa.models`` ResNet (imported, never copied) in the public
+``BackboneWithFPN`` (C3-C5 -> P3-P5, ``LastLevelP6P7`` from P5 as ``retinanet_resnet50_fpn`` v1), ``RetinaNet`` for
+anchors, matching, losses, transform and post-processing; ``heads="attention"`` swaps in ``sasa.detection.heads``.
+With ``weights_backbone`` (a ``sasa train`` ImageNet checkpoint) the backbone has ``FrozenBatchNorm2d`` and trains
+its last 3 stages, without it ``BatchNorm2d`` and all 5; images are resized to the paper's 640 px.
 
-Frozen BN and trainable layers follow torchvision: with ``weights_backbone`` (an ImageNet checkpoint of
-``sasa train``) the backbone uses ``FrozenBatchNorm2d`` and trains its last 3 stages by default; without it,
-``nn.BatchNorm2d`` and all 5. The input transform defaults to the paper's 640 px (``min_size=max_size=640``,
-torchvision's default is 800/1333); every other keyword goes to ``torchvision.models.detection.RetinaNet``.
-
-Parameter and FLOP counts (``detector_table``, ``sasa info --detection``) beside the paper's table: FLOPs are
-counted with ``sasa.flops.count_flops`` (conv/linear by hooks, ``SelfAttention2d`` by ``attention_macs``) on one
-fixed ``image_size`` x ``image_size`` input through backbone, FPN and heads; resize, anchors, decoding and NMS
-are not counted. The paper does not state the image size of its FLOP counts; we use 640 x 640, its crop size.
-
-Status: complete.
+``detector_table`` (``sasa info --detection``) counts parameters and FLOPs (``count_flops``) through backbone, FPN
+and heads on one 640 x 640 input (the paper's crop; it does not state its size), without resize, anchors and NMS.
 """
 
 from __future__ import annotations
@@ -33,8 +23,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..engine.checkpoint import CheckpointError, load_state_dict_checked, read_weights
 from ..flops import count_flops, count_params
+from ..io.checkpoint import CheckpointError, load_state_dict_checked, read_weights
 from ..models import create_model, list_models
 from .config import DETECTORS
 from .heads import AttentionP6P7, AttentionRetinaNetHead, attention_fpn_

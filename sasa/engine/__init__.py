@@ -1,32 +1,13 @@
-"""Training engine: the pieces a training script wires together (checkpoints, distributed, metrics, signals,
-config, optimiser, EMA), the one training loop (``trainer``) that every task plugs into, and classification.
+"""Training engine: the one training loop (``trainer``) every task plugs into, and the pieces a task's wiring uses:
+``distributed`` (torchrun/DDP), ``rundir`` (run directories and resume), ``config`` (YAML + flags), ``optim``,
+``ema``, ``syncbn``, ``metrics``, ``signals``, ``environment``. ``classify`` is the classification task, ``train``
+and ``evaluate`` are ``sasa train`` and ``sasa eval``. Checkpoint files are ``sasa.io``'s; detection
+(``sasa.detection``) imports this package, nothing here imports detection. Tested on CPU (1 and 2 gloo processes);
+the GPU paths (NCCL, bf16 autocast, channels-last, torch.compile) are not exercised by the tests."""
 
-Files: ``checkpoint`` (atomic, weights_only), ``distributed`` (torchrun/DDP), ``metrics`` (metrics.jsonl + plots),
-``signals`` (SIGINT/SIGTERM -> flag), ``config`` (YAML + flags), ``optim`` (no-decay groups, warm-up + cosine),
-``ema``, ``syncbn`` (CPU-capable SyncBN), ``trainer`` (the loop; tasks plug in), ``rundir`` (run directories and
-resume, for every task), ``classify`` (the classification task), ``runner`` (wiring for ``sasa train|eval``).
-Detection (``sasa.detection``) imports this package; nothing here imports detection.
-
-Status: complete; tested on CPU (1 and 2 gloo processes). The GPU paths (NCCL, bf16 autocast, channels-last,
-torch.compile) are wired but were not exercised on a GPU in this package's tests.
-"""
-
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, reduce_sum
 from .metrics import MetricsLogger, plot_metrics
 from .signals import GracefulStop
 
-__all__ = [
-    "CheckpointError",
-    "DistInfo",
-    "GracefulStop",
-    "MetricsLogger",
-    "all_reduce_mean",
-    "barrier",
-    "cleanup",
-    "init_distributed",
-    "load_checkpoint",
-    "plot_metrics",
-    "reduce_sum",
-    "save_checkpoint",
-]
+__all__ = ["DistInfo", "GracefulStop", "MetricsLogger", "all_reduce_mean", "barrier", "cleanup", "init_distributed",
+           "plot_metrics", "reduce_sum"]

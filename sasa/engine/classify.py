@@ -1,9 +1,5 @@
-"""Classification as a task of the shared ``Trainer`` (``trainer.py``): a step is the cross-entropy of a batch of
-``sasa.data.Batch`` and its correct count; an evaluation is loss, top-1 and top-5 on the validation loader.
-``runner.py`` wires it for ``sasa train`` / ``sasa eval``.
-
-Status: complete.
-"""
+"""Classification as a task of the shared ``Trainer``: a step is the cross-entropy of a ``sasa.data.Batch`` and
+its correct count; an evaluation is loss, top-1 and top-5 on the validation loader."""
 
 from __future__ import annotations
 
@@ -15,10 +11,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .distributed import reduce_sum
-from .trainer import NonFiniteLossError, StepResult, TooManyBadSamplesError, Trainer, autocast
+from .trainer import NonFiniteLossError, StepResult, TooManyBadSamplesError, autocast
 
-__all__ = ["ClassificationTask", "ClassificationTrainer", "NonFiniteLossError", "TooManyBadSamplesError",
-           "accuracy_counts", "evaluate", "format_epoch"]
+__all__ = ["ClassificationTask", "NonFiniteLossError", "TooManyBadSamplesError", "accuracy_counts", "evaluate",
+           "format_epoch"]
 
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
@@ -120,17 +116,6 @@ class ClassificationTask:
 
     def format_epoch(self, record: dict, epochs: int) -> str:
         return format_epoch(record, epochs)
-
-
-class ClassificationTrainer(Trainer):
-    """The shared ``Trainer`` with a ``ClassificationTask`` (its ``val_loader``, ``label_smoothing`` and
-    ``channels_last`` arguments); every other argument is ``Trainer``'s."""
-
-    def __init__(self, *, val_loader, label_smoothing: float = 0.0, channels_last: bool = False, **kwargs) -> None:
-        task = ClassificationTask(val_loader=val_loader, device=kwargs["dist"].device, label_smoothing=label_smoothing,
-                                  channels_last=channels_last, amp_dtype=kwargs.get("amp_dtype"))
-        super().__init__(task=task, **kwargs)
-        self.channels_last = channels_last
 
 
 def format_epoch(record: dict, epochs: int) -> str:

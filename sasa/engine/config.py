@@ -1,19 +1,10 @@
-"""Training configuration: a typed dataclass per task, YAML files, command-line overrides, validation first.
+"""Training configuration: a typed dataclass per task, YAML files, command-line flags, validation first.
 
-``RunConfig`` holds the fields every training task shares (optimisation, execution, run directory); a task's config
-subclasses it: ``TrainConfig`` (classification, ``sasa train``) here, ``DetectConfig`` (``sasa detect-train``) in
-``sasa.detection.config``. Precedence: the dataclass defaults (for ``TrainConfig`` the embedded Fashion-MNIST demo;
-``configs/default.yaml`` is a commented copy) < ``--config FILE`` < command-line flags. Dict fields
-(``model_args``, ``backbone_args``) merge key by key instead of being replaced. Every field is also a flag
-(``batch_size`` -> ``--batch-size``; booleans get ``--no-...`` too), so a YAML file and a command line say the same
-things. Unknown keys, wrong types and impossible values raise ``ConfigError`` naming the key, the value and what was
-expected, before any data is read or any model is built; a key or value that was renamed names its new spelling
-(``RENAMED``).
-
-This module imports no torch: the CLI can validate a config and print help quickly.
-
-Status: complete.
-"""
+``RunConfig`` holds the fields every training task shares; ``TrainConfig`` (``sasa train``) here and
+``DetectConfig`` (``sasa.detection.config``) subclass it. Precedence: dataclass defaults < ``--config FILE`` <
+flags; dict fields (``model_args``, ``backbone_args``) merge key by key. Every field is a flag (``batch_size`` ->
+``--batch-size``). Bad keys, types and values raise ``ConfigError`` naming the key before any data is read; a
+renamed key names its new spelling (``RENAMED``)."""
 
 import argparse
 import dataclasses
@@ -27,7 +18,8 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
-from .atomic import atomic_write_text
+from ..io.atomic import atomic_write_text
+from ..models.args import parse_model_args
 
 DATASETS = ("fashion-mnist", "imagefolder", "cifar10", "cifar100", "synthetic")
 AUGMENTS = ("crop-flip", "inception", "flip", "none")
@@ -277,36 +269,6 @@ def from_dict(data: dict, *, source: str = "", schema: type = TrainConfig) -> Ru
 # ---- command-line flags: one per field ------------------------------------------------------------------------
 
 
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets: ``"a=1,b=(3, 4)"`` -> ``["a=1", "b=(3, 4)"]``."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text + ","):
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            if text[start:i].strip():
-                parts.append(text[start:i].strip())
-            start = i + 1
-    return parts
-
-
-def parse_model_args(items: list[str]) -> dict:
-    """``["width_multiplier=0.5", "attention_stages=(3, 4)"]`` or ``["a=1,b=2"]`` -> dict (Python literals, else
-    strings), the same syntax as ``sasa show-attention --model-args``."""
-    import ast
-
-    out = {}
-    for item in (part for text in items for part in _split_top_level(text)):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ConfigError(f"--model-args expects KEY=VALUE items, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
-
-
 def add_flags(parser: argparse.ArgumentParser, schema: type = TrainConfig, *, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per config field to ``parser`` (but ``skip``); unset flags stay absent from the parsed namespace."""
     for name, f in fields_of(schema).items():
@@ -335,5 +297,8 @@ def overrides_from_args(args: argparse.Namespace, schema: type = TrainConfig) ->
     out = {k: getattr(args, k) for k in fields if hasattr(args, k) and fields[k].metadata.get("flag", True)}
     for k, v in out.items():
         if _base_type(fields[k].type)[0] is dict:
-            out[k] = parse_model_args(v)
+            try:
+                out[k] = parse_model_args(v)
+            except ValueError as err:
+                raise ConfigError(str(err).replace("--model-args", "--" + k.replace("_", "-"))) from None
     return out

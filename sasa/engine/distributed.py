@@ -1,12 +1,6 @@
-"""One entry point for one process or many: ``torchrun`` / multi-node environment → ``DistInfo``.
-
-``init_distributed()`` reads the variables ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``/``MASTER_PORT``); without them it returns a world of size 1 and starts no process group, so the
-same script runs unchanged on one device. The backend is NCCL for CUDA devices and gloo otherwise (CPU DDP works,
-and is what the tests use). The reductions below are no-ops in a world of size 1.
-
-Status: complete.
-"""
+"""One entry point for one process or many: ``init_distributed()`` reads what ``torchrun`` sets (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); without it, a world of size 1 and no process group.
+NCCL on CUDA, gloo otherwise (CPU DDP, what the tests use). The reductions are no-ops in a world of size 1."""
 
 from __future__ import annotations
 
@@ -16,8 +10,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-from .cpu_memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -54,8 +46,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
-    """Start the process group when launched by ``torchrun`` and pick this process's device; on CPU, also keep
-    freed memory for reuse (``cpu_memory.keep_freed_memory``: fewer page faults, faster steps).
+    """Start the process group when launched by ``torchrun`` and pick this process's device.
 
     Args:
         device: ``"cpu"``, ``"cuda"`` (``cuda:LOCAL_RANK`` under torchrun) or ``None`` for CUDA when available.
@@ -76,8 +67,6 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
         dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
@@ -123,3 +112,13 @@ def cleanup() -> None:
     """Destroy the process group if one was started."""
     if is_initialized():
         dist.destroy_process_group()
+
+
+def parallelize(module: torch.nn.Module, dist_info: DistInfo, *, compile: bool = False) -> torch.nn.Module:
+    """What the forward pass runs: ``module``, ``torch.compile``'d if asked, DDP-wrapped in a world above 1."""
+    model = torch.compile(module) if compile else module
+    if dist_info.distributed:
+        device = dist_info.device
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model

@@ -3,10 +3,7 @@
 ``build_ema`` wraps ``AveragedModel`` with the EMA update and ``use_buffers=True`` so BatchNorm statistics are
 averaged too and the EMA model can be evaluated as it is. The first update copies the weights; each later one is
 ``ema = decay * ema + (1 - decay) * weights``. Its ``state_dict`` is plain tensors (``module.*`` and
-``n_averaged``), fit for ``weights_only`` checkpoints.
-
-Status: complete.
-"""
+``n_averaged``), fit for ``weights_only`` checkpoints."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""What a result was produced with: versions, device, threads, world size, git commit (``env.json`` of a run).
-
-Status: complete.
-"""
+"""What a result was produced with: versions, device, threads, world size, git commit (``env.json`` of a run)."""
 
 from __future__ import annotations
 
@@ -56,8 +53,8 @@ def collect_environment(device: torch.device, world_size: int = 1) -> dict:
     """A JSON-serialisable record of the software and hardware of this run."""
     import torchvision
 
+    from ..process import allocator_state
     from ..version import __version__
-    from .cpu_memory import allocator_state
 
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

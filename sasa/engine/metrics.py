@@ -1,12 +1,8 @@
 """Run metrics: ``metrics.jsonl`` (one JSON record per line, appended and flushed) and PNG plots of it.
 
-Record convention (generic, used by classification and detection): every record has ``kind`` (``"step"`` for
-every-N-steps training records, ``"epoch"`` for end-of-epoch summaries, anything else is kept but not plotted),
-``epoch`` (a float for step records: 2.5 = half-way through the third epoch) and ``step`` (global optimizer step).
-``plot_metrics`` draws every numeric key whose name contains ``loss`` in one panel and every key containing
-``top1``, ``acc`` or ``map`` in another, against ``epoch``.
-
-Status: complete.
+Every record has ``kind`` (``"step"`` or ``"epoch"`` are plotted, others kept), ``epoch`` (a float for step records:
+2.5 = half-way through the third) and ``step`` (global optimizer step). ``plot_metrics`` draws keys containing
+``loss`` in one panel and ``top1``, ``acc`` or ``map`` in another, against ``epoch``.
 """
 
 from __future__ import annotations
@@ -17,20 +13,15 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomic import atomic_write, atomic_write_text
+from ..io.atomic import atomic_write, atomic_write_text
 
 LOSS_KEYS = ("loss",)
 ACC_KEYS = ("top1", "acc", "map")
 
 
 class MetricsLogger:
-    """Append-only JSON-lines writer for ``run_dir/metrics.jsonl``.
-
-    Args:
-        run_dir: the run directory (created if missing).
-        enabled: ``False`` on non-main ranks: every method becomes a no-op.
-        filename: the file name inside ``run_dir``.
-    """
+    """Append-only JSON-lines writer for ``run_dir/filename`` (``run_dir`` is created if missing); with
+    ``enabled=False`` (ranks other than 0) every method is a no-op."""
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, filename: str = "metrics.jsonl") -> None:
         self.enabled = enabled

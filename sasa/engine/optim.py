@@ -4,10 +4,7 @@ linear warm-up then cosine decay, stepped once per optimizer step.
 Weight decay is not applied to (SPEC section 5): normalisation weights and every bias (all 1-D parameters),
 ``SelfAttention2d``'s relative embeddings (``rel_rows``, ``rel_cols``) and the ``AttentionStem``'s embeddings
 (``emb_*``). The paper's learning rate is 1.6 at batch 4096 scaled linearly with the global batch
-(``scaled_lr``).
-
-Status: complete.
-"""
+(``scaled_lr``)."""
 
 from __future__ import annotations
 
@@ -74,3 +71,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmu
         return warmup_cosine(step, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def optimization_for(cfg, module: nn.Module, steps_per_epoch: int):
+    """``(lr, optimizer, scheduler)`` of a run config (``RunConfig``'s optimisation keys): the batch-scaled peak
+    learning rate, ``build_optimizer`` and a ``build_scheduler`` spanning ``cfg.epochs``."""
+    lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_base_batch)
+    optimizer = build_optimizer(module, name=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum, nesterov=cfg.nesterov)
+    scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * max(steps_per_epoch, 1),
+                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), min_ratio=cfg.min_lr_ratio)
+    return lr, optimizer, scheduler

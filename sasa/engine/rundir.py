@@ -1,17 +1,10 @@
-"""A training run's directory and everything about resuming one, for every task (``sasa train`` and
-``sasa detect-train`` alike).
+"""A training run's directory and resuming it, for every task (``sasa train`` and ``sasa detect-train``).
 
-A run directory holds ``config.yaml`` (the resolved config), ``env.json`` (versions, device, commit; a resumed run
-appends to ``resumes``), ``metrics.jsonl``, ``last.pt`` (the newest full training state), ``last.prev.pt`` (the one
-before it), ``best.pt`` (weights of the best evaluation) and, once finished, ``summary.json``. Every file is
-written atomically (``atomic.py``); under ``torchrun`` only rank 0 writes.
-
-``--resume`` takes a run directory (its ``last.pt``) or a checkpoint file inside one (e.g. ``last.prev.pt``); the
-run's own ``config.yaml`` is used, and only the config class's ``resumable`` keys may change. A run that has
-nothing left to do is left exactly as it is (``finished_summary``); a checkpoint that cannot be read fails with a
-message naming the usable files and the commands that use them.
-
-Status: complete.
+A run directory holds ``config.yaml``, ``env.json`` (a resumed run appends to ``resumes``), ``metrics.jsonl``,
+``last.pt`` (full training state), ``last.prev.pt`` (the one before), ``best.pt`` and, once finished,
+``summary.json``; every file is written atomically, by rank 0 only. ``--resume`` takes a run directory or a
+checkpoint in one; the run's own ``config.yaml`` is used and only the config's ``resumable`` keys may change. A
+finished run is left as it is; an unreadable checkpoint fails naming the usable files and their commands.
 """
 
 from __future__ import annotations
@@ -23,9 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..io.atomic import atomic_write_text, keep_previous
+from ..io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from . import config as C
-from .atomic import atomic_write_text, keep_previous
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, broadcast_object
 from .metrics import MetricsLogger
 

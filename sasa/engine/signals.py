@@ -1,13 +1,8 @@
 """``GracefulStop``: SIGINT / SIGTERM become a flag the training loop polls, so it can checkpoint and exit cleanly.
 
-The first signal sets the flag and leaves the process running; the loop is expected to finish its current step,
-save, and return. A second SIGINT restores Python's default behaviour (``KeyboardInterrupt``) for users who really
-mean "stop now". Handlers are installed only in the main thread and are restored on exit.
-
-Under ``torchrun`` every rank gets the signal; the loop should still agree across ranks (e.g. a max-reduce of the
-flag) before stopping, so that no rank waits forever in a collective.
-
-Status: complete.
+The first signal sets the flag; a second SIGINT restores Python's ``KeyboardInterrupt``. Handlers are installed only
+in the main thread and restored on exit. Under ``torchrun`` every rank gets the signal; the loop reduces the flag
+across ranks before stopping, so that no rank waits forever in a collective.
 """
 
 from __future__ import annotations
@@ -17,18 +12,7 @@ import threading
 
 
 class GracefulStop:
-    """Context manager turning SIGINT / SIGTERM into ``self.requested`` (``True`` once a signal arrived).
-
-    Args:
-        signals: the signals to catch.
-
-    Example:
-        with GracefulStop() as stop:
-            for batch in loader:
-                step(batch)
-                if stop.requested:
-                    save(); break
-    """
+    """Context manager turning ``signals`` into ``self.requested`` (``True`` once one arrived)."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.signals = signals

@@ -1,23 +1,14 @@
-"""The one training loop: epochs of optimizer steps on objects built elsewhere; a task object says what one step
-and one evaluation are (``classify.ClassificationTask``, ``sasa.detection.task.DetectionTask``). The shape is
-detectron2's ``engine/train_loop.py``: one trainer, tasks plug in.
+"""The one training loop (detectron2's ``train_loop.py`` shape): epochs of optimizer steps on objects built
+elsewhere; a task says what a step and an evaluation are (``classify.ClassificationTask``,
+``sasa.detection.task.DetectionTask``): ``sums`` (names of the per-step sums), ``score`` (the evaluation key that
+picks ``best.pt``, higher is better), ``step(model, batch) -> StepResult``, ``evaluate(module, ema_module,
+show_progress)``, ``summarize(sums, count)`` and ``format_epoch(record, epochs)``.
 
-What the loop guarantees, whatever the task:
-- **Exact resume.** ``Progress`` (epoch, batches done, step, running sums, best score) is part of every checkpoint;
-  ``fit`` restarts the ``ResumableDistributedSampler`` ``batches_done`` batches into the epoch.
-- **Agreement across ranks.** Once per step, one ``all_reduce`` carries the task's sums, the sample count, the
-  unreadable-sample count and the "non-finite loss" / "stop requested" / "empty batch" flags, so every rank takes
-  the same decision (stop, skip, raise) at the same step and no rank hangs in a collective.
-- **Non-finite loss** raises ``NonFiniteLossError`` naming the step, *before* the backward pass, so the weights
-  and the last checkpoint on disk stay good.
-- **Unreadable samples** (the task reports them) are skipped and counted; more than ``max_bad_fraction`` of the
-  training set in one epoch raises ``TooManyBadSamplesError``.
-
-A task provides ``sums`` (names of the per-step sums), ``score`` (the evaluation key that picks ``best.pt``, higher
-is better), ``step(model, batch) -> StepResult``, ``evaluate(module, ema_module, show_progress) -> dict``,
-``summarize(sums, count) -> dict`` (means for the logs) and ``format_epoch(record, epochs) -> str``.
-
-Status: complete.
+Whatever the task: ``Progress`` is in every checkpoint, so a resumed run restarts the sampler mid-epoch exactly;
+one ``all_reduce`` per step carries the sums and the non-finite / stop / empty-batch flags, so every rank decides
+alike and none hangs; a non-finite loss raises ``NonFiniteLossError`` before the backward pass (weights and the
+last checkpoint stay good); more than ``max_bad_fraction`` unreadable samples in an epoch raise
+``TooManyBadSamplesError``.
 """
 
 from __future__ import annotations
@@ -33,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..io.checkpoint import load_state_dict_checked
 from .distributed import DistInfo, reduce_sum
 from .metrics import MetricsLogger
 from .signals import GracefulStop
@@ -97,26 +89,18 @@ class Trainer:
     """Runs epochs of training and evaluation for ``task`` on objects built elsewhere.
 
     Args:
-        task: what a step and an evaluation are (see the module docstring).
-        model: what the forward pass runs (possibly DDP- and/or compile-wrapped).
-        module: the bare model (state dicts, evaluation, EMA updates).
+        model: what the forward pass runs (possibly DDP- and/or compile-wrapped); ``module``: the bare model.
         optimizer, scheduler: stepped once per batch (``scheduler`` may be None).
         train_loader: its sampler must be a ``ResumableDistributedSampler``; a dataset with ``set_epoch`` gets it.
-        dist: this process's ``DistInfo``.
-        epochs: total epochs.
         ema: an ``AveragedModel`` updated after every step, evaluated beside the raw weights (or None).
-        amp_dtype: autocast dtype (``torch.bfloat16``) or None.
-        grad_clip: max gradient norm (0: off).
-        logger: ``MetricsLogger`` for step and epoch records.
-        log_every: steps between step records.
-        checkpoint_every: steps between mid-epoch ``save("last")`` calls (0: epoch ends only).
-        eval_every: epochs between evaluations (the last epoch is always evaluated; 0: only the last).
+        amp_dtype: autocast dtype or None; ``grad_clip``: max gradient norm (0: off).
+        log_every, checkpoint_every, eval_every: steps between step records, steps between mid-epoch
+            ``save("last")`` (0: epoch ends only), epochs between evaluations (0: only after the last).
         max_steps: stop after this many optimizer steps (smoke runs; the schedule still spans ``epochs``).
-        save: ``save(kind)`` callback, ``kind`` in ``"last"``, ``"best"``; called on every rank.
+        save: ``save(kind)``, ``kind`` in ``"last"``, ``"best"``; called on every rank.
         stop: a ``GracefulStop`` polled once per step (or None).
         max_bad_fraction: tolerated fraction of unreadable training samples per epoch.
-        quiet: no progress bar; a log line every ``log_every`` steps and per epoch instead.
-        print_fn: where messages go (rank 0 prints; tests capture).
+        quiet: no progress bar; a log line every ``log_every`` steps instead. ``print_fn``: where rank 0 prints.
     """
 
     def __init__(self, *, task, model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -160,8 +144,6 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        from .checkpoint import load_state_dict_checked
-
         load_state_dict_checked(self.module, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:

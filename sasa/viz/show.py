@@ -8,7 +8,7 @@
   ``num_classes`` and ``in_chans`` are read from the weights themselves (``fc.weight``, ``conv1.weight``) when no
   source gives them.
 - Weights: a safetensors file, or a torch checkpoint holding a state dict or a dict with a ``model`` (or
-  ``state_dict``) entry, read with ``sasa.engine.checkpoint.read_weights`` (``weights_only=True``; ``module.`` /
+  ``state_dict``) entry, read with ``sasa.io.checkpoint.read_weights`` (``weights_only=True``; ``module.`` /
   ``_orig_mod.`` prefixes of DDP and ``torch.compile`` stripped). Without weights the model is randomly
   initialised, with a one-line notice on stderr.
 - Image: any PIL-readable file, converted to the model's input channels (grayscale or RGB), resized to a square of
@@ -23,8 +23,6 @@
 Nothing compiles: the layer sizes come from a forward on the meta device (shapes only), and the forward that
 draws the maps runs the eager ``shifted`` backend (one image is no reason to wait for the ``inductor`` backend's
 compile; the maps themselves come from the reference backend either way).
-
-Status: complete.
 """
 
 from __future__ import annotations
@@ -37,8 +35,8 @@ import torch
 from torch import nn
 
 from .. import backends
-from ..engine.checkpoint import read_weights
 from ..flops import shape_forward
+from ..io.checkpoint import read_weights
 from ..layers.attention import SelfAttention2d
 from ..models import MODEL_INFO, create_model
 from .maps import attention_layers, attention_maps, resolve_layers
@@ -78,7 +76,7 @@ def _from_config(cfg: dict) -> dict:
 
 def build_model(name: str, overrides: dict, state: dict[str, torch.Tensor] | None) -> nn.Module:
     """``create_model(name, **overrides)`` with ``state`` loaded; num_classes / in_chans inferred from ``state``."""
-    from ..engine.checkpoint import CheckpointError, load_state_dict_checked
+    from ..io.checkpoint import CheckpointError, load_state_dict_checked
 
     overrides = dict(overrides)
     if state is not None:

@@ -1,15 +1,8 @@
-"""Crash-safe checkpoints: atomic writes, ``weights_only`` loads, safetensors export, compatibility checks.
+"""Checkpoints and weights files: atomic writes, ``weights_only`` loads, safetensors, compatibility checks.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (what ``torch.load(weights_only=True)``
-accepts, so loading never runs arbitrary pickle code). Every write goes to a temporary file in the same folder,
-is flushed and fsync'ed, then ``os.replace``'d over the target: a process killed at any moment leaves either the
-previous file or the new one, never a torn one (``atomic.py``).
-
-Generic on purpose: classification and detection both use ``save_checkpoint`` / ``load_checkpoint``; the ``meta``
-dict convention (``{"model": name, "num_classes": n, ...}``) is what ``check_compatible`` compares.
-
-Status: complete.
-"""
+accepts, so loading never runs pickle code); its ``meta`` dict (``{"model": name, "num_classes": n, ...}``) is what
+``check_compatible`` compares. safetensors is imported only by the functions that use it."""
 
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
-"""Wiring for ``sasa train`` and ``sasa eval``: a validated ``TrainConfig`` in, objects built and handed to the
-shared ``Trainer`` with a ``ClassificationTask`` (``classify.py``), a run directory out (``rundir.py``: config.yaml,
-env.json, metrics.jsonl, last.pt / last.prev.pt / best.pt, summary.json; resume). At the end this adds
-``model.safetensors`` (+ ``model_ema.safetensors``) and ``metrics.png``. Under ``torchrun`` only rank 0 writes.
+"""``sasa train``: a validated ``TrainConfig`` in, objects built and handed to the shared ``Trainer`` with a
+``ClassificationTask``, a run directory out (``rundir.py``), plus ``model.safetensors`` (+ ``model_ema.safetensors``),
+``metrics.png`` and ``summary.json`` at the end. Under ``torchrun`` only rank 0 writes.
 
-Exit codes of ``train``: 0 done; 1 the run failed on its data or its loss (message says which step, which file);
-128 + signal number (130 SIGINT, 143 SIGTERM) when stopped by a signal after saving ``last.pt``.
-
-Status: complete.
-"""
+Exit codes: 0 done; 1 the run failed on its data or its loss (the message says where); 128 + signal number (130
+SIGINT, 143 SIGTERM) when stopped by a signal after saving ``last.pt``."""
 
 from __future__ import annotations
 
@@ -22,24 +18,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from ..io.atomic import atomic_write_text
+from ..io.checkpoint import check_compatible, save_safetensors
+from ..process import configure_process
 from . import config as C
 from . import rundir
-from .atomic import atomic_write_text
-from .checkpoint import (
-    CheckpointError,
-    check_compatible,
-    load_checkpoint,
-    load_safetensors,
-    load_state_dict_checked,
-    save_safetensors,
-)
-from .classify import ClassificationTrainer, NonFiniteLossError, TooManyBadSamplesError, evaluate
-from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .classify import ClassificationTask, NonFiniteLossError, TooManyBadSamplesError, evaluate
+from .distributed import DistInfo, barrier, cleanup, init_distributed, parallelize
 from .environment import collect_environment, git_commit
 from .metrics import plot_metrics
-from .rundir import LAST, say
+from .rundir import say
 from .signals import GracefulStop
-from .trainer import amp_dtype
+from .trainer import Trainer, amp_dtype
 
 COMMAND = "sasa train"
 
@@ -93,9 +83,8 @@ def train(cfg: C.TrainConfig) -> int:
                                                           command=COMMAND)) is not None:
         rundir.say_finished(rundir.resume_paths(cfg.resume)[0], summary, f"test top-1 {summary['top1']:.2f}%")
         return 0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     dist = init_distributed(cfg.device)
+    configure_process(dist.device, threads=cfg.threads)
     try:
         return _train(cfg, dist, t0)
     finally:
@@ -103,12 +92,10 @@ def train(cfg: C.TrainConfig) -> int:
 
 
 def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
-    from torch.nn.parallel import DistributedDataParallel
-
     from ..data import ResumableDistributedSampler, ShardSampler, build_data
     from ..models import create_model
     from .ema import build_ema
-    from .optim import build_optimizer, build_scheduler, scaled_lr
+    from .optim import optimization_for
     from .syncbn import convert_sync_batchnorm
 
     if cfg.batch_size % dist.world_size:
@@ -132,9 +119,7 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
     if channels_last:
         module.to(memory_format=torch.channels_last)
     ema = build_ema(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    model = torch.compile(module) if cfg.compile else module
-    if dist.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = parallelize(module, dist, compile=cfg.compile)
 
     sampler = ResumableDistributedSampler(data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=True)
@@ -142,20 +127,17 @@ def _train(cfg: C.TrainConfig, dist: DistInfo, t0: float) -> int:
     val_loader = _loader(data.val, ShardSampler(len(data.val), num_replicas=dist.world_size, rank=dist.rank),
                          local_batch, cfg, device, train=False)
     steps_per_epoch = sampler.num_samples // local_batch
-    lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_base_batch)
-    optimizer = build_optimizer(module, name=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
-                                momentum=cfg.momentum, nesterov=cfg.nesterov)
-    scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * max(steps_per_epoch, 1),
-                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), min_ratio=cfg.min_lr_ratio)
+    lr, optimizer, scheduler = optimization_for(cfg, module, steps_per_epoch)
 
     with GracefulStop() as stop:
-        trainer = ClassificationTrainer(
-            model=model, module=module, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-            val_loader=val_loader, dist=dist, epochs=cfg.epochs, ema=ema, label_smoothing=cfg.label_smoothing,
-            amp_dtype=amp_dtype(cfg.amp, device), channels_last=channels_last, grad_clip=cfg.grad_clip,
-            logger=run.logger, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-            eval_every=cfg.eval_every, save=run.save, stop=stop, max_bad_fraction=cfg.max_bad_fraction,
-            quiet=cfg.quiet)
+        amp = amp_dtype(cfg.amp, device)
+        task = ClassificationTask(val_loader=val_loader, device=device, label_smoothing=cfg.label_smoothing,
+                                  channels_last=channels_last, amp_dtype=amp)
+        trainer = Trainer(
+            task=task, model=model, module=module, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+            dist=dist, epochs=cfg.epochs, ema=ema, amp_dtype=amp, grad_clip=cfg.grad_clip, logger=run.logger,
+            log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, save=run.save,
+            stop=stop, max_bad_fraction=cfg.max_bad_fraction, quiet=cfg.quiet)
         env = collect_environment(device, dist.world_size)
         env.update(data_source=data.source, steps_per_epoch=steps_per_epoch, local_batch=local_batch, lr=lr)
         run.start(trainer, env, check=_check(cfg, data.num_classes))
@@ -200,10 +182,10 @@ def _finish(cfg, dist, data, trainer, module, ema, meta, run_dir, val_loader, lo
     if data.test is not None:  # validation was a hold-out: report the official test split too
         loader = _loader(data.test, ShardSampler(len(data.test), num_replicas=dist.world_size, rank=dist.rank),
                          local_batch, cfg, device, train=False)
-        amp = amp_dtype(cfg.amp, device)
-        test = evaluate(module, loader, device=device, amp_dtype=amp, channels_last=trainer.channels_last)
+        kw = {"device": device, "amp_dtype": trainer.task.amp_dtype, "channels_last": trainer.task.channels_last}
+        test = evaluate(module, loader, **kw)
         if ema is not None:
-            test_ema = evaluate(ema.module, loader, device=device, amp_dtype=amp, channels_last=trainer.channels_last)
+            test_ema = evaluate(ema.module, loader, **kw)
     p = trainer.progress
     wall = p.elapsed_s + (time.time() - t0)
     summary = {"model": cfg.model, "model_args": C.to_dict(cfg)["model_args"], "params_m": round(n_params / 1e6, 4),
@@ -251,104 +233,3 @@ def format_summary(summary: dict, run_dir: Path) -> str:
     rows.append(("run directory", str(run_dir)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
-
-
-# ---- sasa eval ---------------------------------------------------------------------------------------------------
-
-
-def _weights_file(path: Path, ema: bool) -> Path:
-    if path.is_dir():
-        for name in (("model_ema.safetensors",) if ema else ()) + ("model.safetensors", LAST):
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{str(path)!r} holds no model.safetensors or {LAST}")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights {str(path)!r} do not exist")
-    return path
-
-
-def evaluate_weights(path: str | os.PathLike, *, dataset: str | None = None, data_dir: str | None = None,
-                     split: str = "test", batch_size: int = 256, model: str | None = None, ema: bool = False,
-                     device: str | None = None, workers: int = 0, holdout_fraction: float | None = None,
-                     output: str | None = None, quiet: bool = False) -> dict:
-    """Top-1 / top-5 / loss of a checkpoint (``.pt``), a safetensors file or a run directory on a dataset split.
-
-    Settings missing from the arguments come from the weights' metadata and the run's ``config.yaml``.
-    Writes the result as JSON (``output``, default beside the weights) and returns it.
-    """
-    from ..data import ShardSampler, build_data, collate_skip_bad
-    from ..models import create_model
-
-    path = Path(path)
-    weights = _weights_file(path, ema)
-    run_cfg: dict = {}
-    for candidate in (path / "config.yaml", weights.parent / "config.yaml"):
-        if candidate.is_file():
-            import yaml
-
-            run_cfg = yaml.safe_load(candidate.read_text()) or {}
-            break
-    if weights.suffix == ".safetensors":
-        state, meta = load_safetensors(weights)
-    else:
-        ckpt = load_checkpoint(weights)
-        meta = ckpt.get("meta", {})
-        if ema and "ema" not in ckpt:
-            raise CheckpointError(f"checkpoint {str(weights)!r} has no EMA weights (the run had ema_decay 0)")
-        state = ({k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")} if ema
-                 else ckpt["model"])
-        run_cfg = run_cfg or ckpt.get("config", {})
-    if not meta.get("model"):
-        raise CheckpointError(f"{str(weights)!r} carries no model name in its metadata; it was not written by sasa")
-    check_compatible(meta, model=model, source=str(weights))
-    dataset = dataset or meta.get("dataset") or run_cfg.get("dataset")
-    if dataset is None:
-        raise C.ConfigError("dataset is not known from the weights; pass --dataset")
-    same_data = dataset == run_cfg.get("dataset")
-    data_dir = data_dir or (run_cfg.get("data_dir") if same_data else None)
-    if holdout_fraction is None:
-        holdout_fraction = run_cfg.get("holdout_fraction", 0.0) if same_data else 0.0
-    if split not in ("test", "holdout"):
-        raise C.ConfigError(f"split must be 'test' or 'holdout', got {split!r}")
-    if split == "holdout" and not holdout_fraction:
-        raise C.ConfigError("split 'holdout' needs --holdout-fraction (the run had none)")
-    dist = init_distributed(device)
-    try:
-        data = build_data(dataset, data_dir=data_dir, image_size=meta.get("image_size"),
-                          holdout_fraction=holdout_fraction or 0.0,
-                          holdout_seed=run_cfg.get("holdout_seed", 0) if same_data else 0)
-        check_compatible(meta, num_classes=data.num_classes, source=str(weights))
-        net = create_model(meta["model"], num_classes=data.num_classes,
-                           **{"in_chans": meta.get("in_chans", data.in_chans), **(meta.get("model_args") or {})})
-        load_state_dict_checked(net, state, source=str(weights))
-        net.to(dist.device)
-        ds = data.val if split == "holdout" else (data.test if data.test is not None else data.val)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                            sampler=ShardSampler(len(ds), num_replicas=dist.world_size, rank=dist.rank),
-                            collate_fn=collate_skip_bad)
-        amp = torch.bfloat16 if dist.device.type == "cuda" else None
-        res = evaluate(net, loader, device=dist.device, amp_dtype=amp, show_progress=dist.is_main and not quiet)
-    finally:
-        cleanup()
-    result = {"weights": str(weights), "model": meta["model"], "ema": ema, "dataset": dataset, "split": split,
-              "images": res["count"], "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
-              "unreadable": res["bad"]}
-    out = Path(output) if output else weights.with_name(f"{weights.stem}.eval-{dataset}-{split}.json")
-    if dist.is_main:
-        atomic_write_text(out, json.dumps(result, indent=2))
-    result["json"] = str(out)
-    return result
-
-
-def format_eval(result: dict) -> str:
-    rows = [("weights", result["weights"] + (" (EMA)" if result["ema"] else "")), ("model", result["model"]),
-            ("data", f"{result['dataset']} / {result['split']} ({result['images']} images)"),
-            ("top-1", f"{result['top1']:.2f}%"), ("top-5", f"{result['top5']:.2f}%"),
-            ("loss", f"{result['loss']:.4f}")]
-    if result["unreadable"]:
-        rows.append(("unreadable", str(result["unreadable"])))
-    rows.append(("json", result["json"]))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-

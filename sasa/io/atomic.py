@@ -1,14 +1,12 @@
-"""Atomic file writes: every file of a run directory is replaced whole or not at all.
-
-``atomic_write(path, write)`` calls ``write(tmp)`` on a temporary file in the target's folder, flushes it to disk
-and only then ``os.replace``s it over ``path``: a process that is killed, runs out of disk or raises at any
-moment leaves either the previous file or the new one, never a torn or half-written one, and no temporary file.
-A ``validate(tmp)`` callback, when given, reads the new content back before it replaces the old one.
-"""
+"""Atomic file writes: ``atomic_write(path, write)`` writes a temporary file in the target's folder, fsyncs it and
+``os.replace``s it over ``path``, so a process killed at any moment leaves the previous file or the new one, never a
+torn one and no temporary file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +29,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
+@contextlib.contextmanager
+def _replacing(path: Path, *, create: bool = True):
+    """Yield a temporary path beside ``path`` that the body fills, then move it over ``path``; on any error the
+    temporary file is removed and ``path`` is left as it was."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    if not create:
+        os.unlink(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
                  validate: Callable[[str], None] | None = None) -> None:
     """Write ``path`` through ``write(tmp_path)``, then move the temporary file over ``path`` atomically.
@@ -42,23 +58,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _replacing(path) as tmp:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files (and some writers recreate them): usual mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if validate is not None:
             validate(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -74,22 +80,9 @@ def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> bool:
     path, previous = Path(path), Path(previous)
     if not path.is_file():
         return False
-    fd, tmp = tempfile.mkstemp(prefix=f".{previous.name}.", suffix=".tmp", dir=previous.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
+    with _replacing(previous, create=False) as tmp:
         try:
             os.link(path, tmp)
         except OSError:  # no hard links here (some network and FUSE filesystems): copy instead
-            import shutil
-
             shutil.copyfile(path, tmp)
-        os.replace(tmp, previous)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(previous.parent)
     return True
