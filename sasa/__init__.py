@@ -5,10 +5,7 @@ Public surface: the functional op ``local_attention_2d`` and ``available_backend
 accounting ``count_flops``; ``convert_to_attention`` (swap any model's spatial convolutions for SASA layers) and
 ``attention_maps`` (what the attention layers look at). When timm is installed the ``sasa_*`` models are registered
 with it (lazily, see ``sasa/timm_compat.py``). The maths and the decisions the paper leaves open are in
-``docs/SPEC.md``.
-
-Status: op, layers, models, accounting, converter, attention maps and timm interop complete.
-"""
+``docs/SPEC.md``."""
 
 from .flops import count_flops, count_params
 from .functional import available_backends, local_attention_2d

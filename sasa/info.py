@@ -1,7 +1,4 @@
-"""Model accounting tables for ``sasa info``: parameters and GFLOPs, optionally beside SPEC section 3.
-
-Status: complete.
-"""
+"""Model accounting tables for ``sasa info``: parameters and GFLOPs, optionally beside SPEC section 3."""
 
 from __future__ import annotations
 

@@ -1,27 +1,13 @@
 """timm interop: the ``sasa_*`` models in timm's registry, so ``timm.create_model("sasa_resnet50", num_classes=10)``,
 ``features_only=True`` and timm's own ``train.py`` work with them.
 
-Registered names: ``sasa_resnet26/38/50`` (full attention) and ``sasa_resnet26/38/50_convstem``. The conv baselines
-keep their timm names for timm's own ``resnet26/50`` (timm has no ``resnet38``), so they are not registered; nor are
-sasa's tiny ``test_*`` models (timm has its own ``test_resnet``). Every ``sasa.create_model`` override passes through
-timm's keyword arguments (``timm.create_model("sasa_resnet26", kernel_size=5, attention_stages=(3, 4))``).
-
-Registration is lazy so that ``import sasa`` stays fast (importing timm costs seconds): ``import sasa`` calls
-``register_when_timm_imported()``, which registers at once when timm is already imported and otherwise adds an import
-hook that registers right after timm's own import finishes. Without timm installed nothing happens.
-
-timm's ``train.py`` does not import sasa; run it through this package's launcher::
-
-    python -m sasa.timm_train path/to/pytorch-image-models/train.py --model sasa_resnet26 ...
-
-timm-facing details: ``pretrained_cfg`` carries the 224 input size, ImageNet mean/std, bicubic interpolation and
-crop 0.875 (no pretrained weights are published: ``pretrained=True`` gets timm's "No pretrained weights" error);
-the model gets a ``feature_info`` list (stem activation, then ``layer1..4``) and ``features_only`` uses timm's
-``FeatureHookNet`` without rewriting the model; timm's ``bn_momentum`` / ``bn_eps`` become the BatchNorm settings,
-``global_pool`` must be ``"avg"``, and a non-zero ``drop_path_rate`` / ``drop_block_rate`` is refused (the models
-have neither).
-
-Status: complete; tested with timm 1.0.
+Registered: ``sasa_resnet26/38/50`` and ``sasa_resnet26/38/50_convstem`` (the conv baselines and ``test_*`` models
+keep timm's own names); every ``sasa.create_model`` override passes through as a keyword. Registration is lazy
+(importing timm costs seconds): ``register_when_timm_imported()`` registers now if timm is imported, else from an
+import hook. timm's ``train.py`` runs through ``python -m sasa.timm_train path/to/train.py --model sasa_resnet26 ...``.
+``pretrained_cfg`` has 224 px, ImageNet mean/std, bicubic, crop 0.875 and no weights; ``feature_info`` lists the stem
+and ``layer1..4``; ``bn_momentum`` / ``bn_eps`` set the BatchNorms; ``global_pool`` must be ``"avg"``; a non-zero
+``drop_path_rate`` / ``drop_block_rate`` is refused. Tested with timm 1.0.
 """
 
 from __future__ import annotations

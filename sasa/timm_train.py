@@ -4,10 +4,7 @@ timm's scripts never import sasa, so ``--model sasa_resnet26`` is unknown to the
 registers the models with timm as soon as timm is imported, see ``sasa/timm_compat.py``) and then runs the script as
 ``__main__`` with the remaining arguments, as ``python SCRIPT ARGS...`` would::
 
-    python -m sasa.timm_train path/to/pytorch-image-models/train.py --model sasa_resnet26 --num-classes 10 ...
-
-Status: complete.
-"""
+    python -m sasa.timm_train path/to/pytorch-image-models/train.py --model sasa_resnet26 --num-classes 10 ..."""
 
 from __future__ import annotations
 

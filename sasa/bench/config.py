@@ -1,7 +1,4 @@
-"""Benchmark settings and the per-device presets of ``sasa bench``.
-
-Status: complete.
-"""
+"""Benchmark settings and the per-device presets of ``sasa bench``."""
 
 from __future__ import annotations
 

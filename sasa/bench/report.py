@@ -1,7 +1,4 @@
-"""Plain-text tables and the JSON record of a ``sasa bench`` run.
-
-Status: complete.
-"""
+"""Plain-text tables and the JSON record of a ``sasa bench`` run."""
 
 from __future__ import annotations
 

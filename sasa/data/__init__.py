@@ -1,7 +1,4 @@
-"""Datasets and input pipelines: Fashion-MNIST (the default), ImageNet-layout folders, CIFAR-10/100, synthetic.
-
-Status: complete.
-"""
+"""Datasets and input pipelines: Fashion-MNIST (the default), ImageNet-layout folders, CIFAR-10/100, synthetic."""
 
 from .build import DATASETS, DataBundle, build_data, check_data_config
 from .loader import Bad, Batch, ResumableDistributedSampler, ShardSampler, TransformedDataset, collate_skip_bad

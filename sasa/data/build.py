@@ -3,10 +3,7 @@
 Names (the ``--dataset`` strings): ``fashion-mnist`` (default, 28 px grey, padded to 32), ``imagefolder`` (an
 ImageNet-layout tree), ``cifar10`` / ``cifar100`` (a local copy), ``synthetic`` (generated, for smoke tests).
 With ``holdout_fraction > 0`` the validation set is that fraction of the training set (the paper's 4% split) and
-the official test/val split is kept as ``test`` for the final report; otherwise validation *is* the test split.
-
-Status: complete.
-"""
+the official test/val split is kept as ``test`` for the final report; otherwise validation *is* the test split."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
 """CIFAR-10 and CIFAR-100 from a local copy in torchvision's layout (``DIR/cifar-10-batches-py``,
-``DIR/cifar-100-python``). Items are ``(PIL RGB image, label)``.
-
-Status: complete.
-"""
+``DIR/cifar-100-python``). Items are ``(PIL RGB image, label)``."""
 
 from __future__ import annotations
 

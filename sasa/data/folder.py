@@ -2,10 +2,7 @@
 
 torchvision's ``ImageFolder`` does the scanning and the decoding (PIL); this module adds the layout check and the
 class-list check between the two splits. Unreadable or corrupt files are *not* handled here: loading errors
-propagate to ``sasa.data.loader.TransformedDataset``, which turns them into counted, reported skips.
-
-Status: complete.
-"""
+propagate to ``sasa.data.loader.TransformedDataset``, which turns them into counted, reported skips."""
 
 from __future__ import annotations
 

@@ -1,19 +1,11 @@
-"""How batches are drawn: per-sample seeded transforms, skip-and-count of unreadable samples, resumable samplers.
+"""How batches are drawn; three properties the training engine relies on:
 
-Three properties the training engine relies on:
-
-- **Order-free augmentation.** ``TransformedDataset`` seeds the random transform of sample ``j`` in epoch ``e``
-  from ``(seed, e, j)`` alone, so an image gets the same augmentation whichever rank, worker or position loads it.
-  This is what makes a 2-process run equal a 1-process run, and a resumed run equal an uninterrupted one.
-- **Unreadable samples are skipped, not fatal.** A sample whose loading raises ``OSError`` / ``ValueError`` /
-  ``SyntaxError`` (PIL's errors for truncated or corrupt files) comes back as a ``Bad`` record; ``collate_skip_bad``
-  drops it from the batch and lists it in ``Batch.bad`` for the loop to count and report.
-- **Mid-epoch resume.** ``ResumableDistributedSampler`` is torchvision-style ``DistributedSampler`` (same shuffle,
-  same split across ranks) that can start ``start`` samples into the epoch, so a resumed run skips exactly the
-  batches it had already trained on. ``ShardSampler`` splits evaluation data across ranks without padding, so
-  summed counts are exact.
-
-Status: complete.
+- **Order-free augmentation.** ``TransformedDataset`` seeds sample ``j``'s transform in epoch ``e`` from ``(seed, e,
+  j)`` alone, so a 2-process run equals a 1-process one and a resumed run an uninterrupted one.
+- **Unreadable samples are skipped.** A load raising ``OSError`` / ``ValueError`` / ``SyntaxError`` gives a ``Bad``
+  record; ``collate_skip_bad`` drops it and lists it in ``Batch.bad`` for the loop to count.
+- **Mid-epoch resume.** ``ResumableDistributedSampler`` (torchvision's ``DistributedSampler`` shuffle and split) can
+  start ``start`` samples into an epoch; ``ShardSampler`` splits evaluation data without padding (exact sums).
 """
 
 from __future__ import annotations

@@ -2,10 +2,7 @@
 
 Ramachandran et al. tuned on a 4% hold-out of ImageNet's training set (SPEC section 5). The split depends only on
 the dataset size, the fraction and ``seed`` (not on the training seed), so every run and every rank sees the same
-one.
-
-Status: complete.
-"""
+one."""
 
 from __future__ import annotations
 

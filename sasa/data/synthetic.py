@@ -2,10 +2,7 @@
 
 Each class has a fixed random low-frequency template; sample ``i`` is its class template plus noise drawn from a
 generator seeded with ``(seed, i)``, so any item is reproducible on its own, in any order, on any rank. Labels are
-``i % num_classes``. Items are ``(uint8 tensor (C, S, S), int label)`` like the real datasets.
-
-Status: complete.
-"""
+``i % num_classes``. Items are ``(uint8 tensor (C, S, S), int label)`` like the real datasets."""
 
 from __future__ import annotations
 

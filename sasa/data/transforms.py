@@ -9,10 +9,7 @@ Augmentation policies (``augment``):
 - ``"none"``: the evaluation transform for training too.
 
 Small-image datasets are zero-padded symmetrically to ``image_size`` (28 -> 32 for Fashion-MNIST, so every
-stride-2 stage of a ResNet sees an even map) rather than resized.
-
-Status: complete.
-"""
+stride-2 stage of a ResNet sees an even map) rather than resized."""
 
 from __future__ import annotations
 

@@ -3,9 +3,7 @@
 Paper: Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019, section 4.2 (SPEC
 section 4). ``create_detector`` returns a torchvision ``RetinaNet``; the backbone comes from ``sasa.models``.
 
-Status: builders, attention FPN/heads, COCO data, COCOeval, training/eval loops and drawing complete; the paper's
-COCO numbers are not reproduced here (150 epochs at batch 64 need a GPU cluster).
-"""
+The paper's COCO numbers are not reproduced here (150 epochs at batch 64 need a GPU cluster)."""
 
 import importlib
 

@@ -1,13 +1,7 @@
-"""``DetectConfig``: the ``sasa detect-train`` / ``sasa detect-eval`` settings, the shared ``RunConfig`` fields
-(optimisation, execution, run directory; ``sasa.engine.config``) plus the detector's and the COCO data's.
-
-The defaults are the paper's recipe (SPEC section 4): SGD momentum 0.9 (not Nesterov), ``lr`` 0.12 at a global
-batch of ``lr_base_batch`` 64 scaled linearly, 1 warm-up epoch then cosine, weight decay 1e-4 (ours), 150 epochs,
-640 crops with multiscale jitter and flips. Spellings of the detection engine before it joined the shared trainer
-fail naming the new one: ``lr_batch`` -> ``lr_base_batch``, ``backbone_overrides`` -> ``backbone_args``,
-``progress: false`` -> ``quiet: true``, ``amp: none`` -> ``amp: off``.
-
-Status: complete.
+"""``DetectConfig``: the ``sasa detect-train`` / ``detect-eval`` settings, the shared ``RunConfig`` fields plus the
+detector's and the COCO data's. The defaults are the paper's recipe (SPEC section 4): SGD momentum 0.9 (not
+Nesterov), ``lr`` 0.12 at ``lr_base_batch`` 64 scaled linearly, 1 warm-up epoch then cosine, weight decay 1e-4
+(ours), 150 epochs, 640 crops with multiscale jitter and flips. Old spellings fail naming the new one (``RENAMED``).
 """
 
 from dataclasses import dataclass, field

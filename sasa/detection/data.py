@@ -1,25 +1,15 @@
-"""COCO-format detection data: an images folder + an instances JSON -> ``(image, target)`` for torchvision's RetinaNet.
+"""COCO-format detection data: an images folder + an instances JSON -> ``(image, target)`` for RetinaNet.
 
-``CocoDetection`` reads the JSON with pycocotools and images with PIL; targets are
-``{"boxes": (N, 4) float xyxy pixels, "labels": (N,) int64 in [0, num_classes), "image_id": int}``. COCO's sparse
-category ids (1..90 with gaps) map to contiguous labels in id order (``cat_ids[label]`` maps back, for COCOeval).
+``CocoDetection`` reads the JSON with pycocotools, images with PIL; targets are ``{"boxes": (N, 4) float xyxy
+pixels, "labels": (N,) int64, "image_id": int}``, COCO's sparse category ids mapped to contiguous labels
+(``cat_ids[label]`` maps back). Bad inputs are repaired or skipped, counted (``report``) and warned about once:
+unknown categories, malformed, non-finite or empty boxes are dropped, boxes are clipped to the image, crowd regions
+stay out of training targets, images missing on disk are skipped, images without annotations stay as background
+(``skip_empty=True`` drops them); a missing or invalid JSON or images folder raises naming the path.
 
-Bad inputs are repaired or skipped, counted, and reported once as a warning naming the file (``report`` keeps the
-counts): annotations with unknown category ids, malformed or non-finite boxes, and zero-area boxes are dropped;
-boxes reaching outside the image are clipped (dropped when nothing is left); crowd regions are kept out of the
-training targets (COCOeval still uses them); images listed in the JSON but missing on disk are skipped; images
-without annotations stay as background-only samples (``skip_empty=True`` drops them). A missing JSON or images
-folder, invalid JSON, or a JSON without categories raises an error naming the path.
-
-Transforms are torchvision's ``transforms.v2`` (boxes move with the pixels): training is the paper's recipe,
-horizontal flip, multiscale jitter (``ScaleJitter``: fit in ``image_size`` then scale by U(0.8, 1.2), the TPU
-RetinaNet default; the paper does not give the range), a random ``image_size`` crop padded to that size, and
-``SanitizeBoundingBoxes``; evaluation keeps the image as is and lets the model resize it (longer side 640).
-
-``write_shapes_coco`` writes a tiny synthetic COCO-format dataset (coloured rectangles, discs and crosses with
-their boxes) for tests and smoke runs.
-
-Status: complete.
+Training transforms (``transforms.v2``) are the paper's: flip, ``ScaleJitter`` U(0.8, 1.2) (TPU RetinaNet's range; the
+paper gives none), an ``image_size`` crop padded to size, ``SanitizeBoundingBoxes``; evaluation lets the model
+resize. ``write_shapes_coco`` writes a tiny synthetic COCO-format dataset for tests and smoke runs.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Drawings of detections: boxes, class names and scores on the image, saved as PNG.
-
-Uses ``torchvision.utils.draw_bounding_boxes`` (PIL's default bitmap font); PNGs are written with PIL.
-Ground-truth boxes can be drawn as thin white outlines underneath the detections for comparison.
-
-Status: complete.
-"""
+"""Drawings of detections: boxes, class names and scores on the image (``draw_bounding_boxes``), saved as PNG;
+ground-truth boxes as thin white outlines underneath for comparison."""
 
 from __future__ import annotations
 

@@ -1,28 +1,16 @@
-"""Attention FPN and attention class/box heads for torchvision's RetinaNet (SPEC section 4, "attention heads").
+"""Attention FPN and attention class/box heads for torchvision's RetinaNet (SPEC section 4, the paper's table 5).
 
-Paper: Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019, section 4.2 / table 5.
-Every 3x3 convolution of width 256 in the FPN and in the class and box subnets becomes a ``SelfAttention2d``
-(k=7, 8 heads); strided ones (P6, P7) become attention + 2x2 average pool. These modules are torchvision's own
-classes with their spatial convolutions swapped, so torchvision's forward passes, losses, anchor matching and
-state-dict layout stay in charge:
+Every 3x3 convolution of width 256 in the FPN and the class and box subnets becomes a ``SelfAttention2d`` (k=7, 8
+heads); strided ones (P6, P7) become attention + 2x2 average pool. torchvision's classes keep their forward, losses,
+anchor matching and state-dict layout: ``attention_fpn_`` swaps a ``FeaturePyramidNetwork``'s 3x3 ``layer_blocks``
+in place; ``AttentionP6P7`` is ``LastLevelP6P7`` from P5 (``ceil_mode`` pools, so odd maps get the strided conv's
+sizes); ``AttentionClassificationHead`` / ``AttentionRegressionHead`` have an attention + ReLU tower, then a 1x1
+convolution + ReLU mixing the heads' channels (SASA layers have no output projection), then RetinaNet's prediction
+layer and init (N(0, 0.01); the focal-loss prior bias).
 
-- ``attention_fpn_``: swaps a ``FeaturePyramidNetwork``'s 3x3 output convolutions (``layer_blocks``) for attention,
-  in place; the 1x1 lateral convolutions stay.
-- ``AttentionP6P7``: torchvision's ``LastLevelP6P7`` with P6 and P7 as attention + 2x2 average pool, computed from
-  P5 as torchvision's RetinaNet v1 does (``use_P5``). The pool uses ``ceil_mode`` so P6/P7 have the sizes the
-  strided 3x3 convolutions would give (ceil(n / 2)) on odd maps; on even maps it is the plain 2x2 pool.
-- ``AttentionClassificationHead`` / ``AttentionRegressionHead``: torchvision's heads with the four-layer tower
-  made of attention + ReLU, then a 1x1 convolution + ReLU that mixes the attention heads' channels (SASA layers
-  have no output projection), then the usual prediction layer (``cls_logits`` with the focal-loss prior bias,
-  ``bbox_reg``). The towers' value projections start from N(0, 0.01) as the paper says; the 1x1 mixing and
-  prediction layers keep RetinaNet's N(0, 0.01) init. Heads are shared across pyramid levels as in RetinaNet.
-
-Our reading where SPEC section 4 is terse: "a 1x1 conv at the end of each head mixes the heads" is an extra 1x1
-layer after the attention tower, and the prediction layer stays RetinaNet's 3x3 convolution (it is not a width-256
-layer). ``predictor_kernel_size=1`` gives the other reading (the 1x1 layer *is* the predictor): 19.6M parameters
-for the full-size model instead of 21.3M, against the paper's 22.0M (see ``sasa.detection.retinanet``).
-
-Status: complete.
+Our reading where SPEC section 4 is terse: the "1x1 conv at the end of each head" is an extra layer after the tower
+and the predictor stays a 3x3 convolution; ``predictor_kernel_size=1`` gives the other reading (19.6M parameters
+for the full-size model instead of 21.3M, against the paper's 22.0M).
 """
 
 from __future__ import annotations

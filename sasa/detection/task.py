@@ -1,12 +1,8 @@
-"""Detection as a task of the shared ``sasa.engine.trainer.Trainer``: a step is RetinaNet's loss dict on a batch of
-``(images, targets)``; an evaluation is COCOeval on the validation images, sharded over ranks.
-
-bf16 autocast runs backbone, FPN and heads in bf16 but keeps features and head outputs float32 for anchors, box
-decoding and the losses (``enable_bf16_``; bf16 anchors would be quantised to several pixels). Evaluation shards
-the images over ranks (``ShardSampler``), gathers the COCO records and runs COCOeval on rank 0; every rank gets the
-metrics.
-
-Status: complete; verified on CPU (one process and 2-process gloo) on synthetic COCO-format data, not on COCO.
+"""Detection as a task of the shared ``Trainer``: a step is RetinaNet's loss dict on ``(images, targets)``; an
+evaluation is COCOeval on the validation images, sharded over ranks (``ShardSampler``), gathered and scored on
+rank 0, its metrics broadcast to every rank. bf16 autocast runs backbone, FPN and heads in bf16 but keeps features
+and head outputs float32 for anchors, box decoding and the losses (``enable_bf16_``: bf16 anchors would be
+quantised to several pixels).
 """
 
 from __future__ import annotations

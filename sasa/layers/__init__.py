@@ -1,4 +1,4 @@
-"""Layers: ``SelfAttention2d`` (the SASA layer), ``AttentionStem``, position encodings. Status: complete."""
+"""Layers: ``SelfAttention2d`` (the SASA layer), ``AttentionStem``, position encodings."""
 
 from .attention import SelfAttention2d
 from .stem import AttentionStem

@@ -1,33 +1,20 @@
 """``convert_to_attention``: swap the spatial convolutions of any ``nn.Module`` for SASA layers, in place.
 
-Paper: Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019 (arXiv 1906.05909), which
-replaces every spatial convolution of a ResNet with a local self-attention layer. This function does that to any
-model: torchvision's ``resnet50``, timm's ResNets, the ``sasa`` baselines. Converting torchvision's ``resnet50`` with
-the defaults gives exactly the paper's conv-stem + attention ResNet-50 (18.02M parameters, the same count as
-``sasa.create_model("sasa_resnet50_convstem")``).
-
-What is replaced: every ``nn.Conv2d`` (subclasses included) with a kernel larger than 1x1, ``groups == 1``,
-``in_channels >= min_channels`` and a name selected by ``stages``. Each becomes
-``SelfAttention2d(in_channels, out_channels, kernel_size, stride=s, heads)``; for ``s > 1`` that is attention at
-stride 1 followed by an s x s average pool (SPEC section 1). 1x1 convolutions (projections, shortcuts) and grouped or
-depthwise convolutions stay. The new layers take their own initialisation and the old layer's device, dtype and
-train/eval mode.
+The paper (arXiv 1906.05909) replaces every spatial convolution of a ResNet with local self-attention; this does it
+to any model (torchvision's and timm's ResNets, the ``sasa`` baselines). torchvision's ``resnet50`` with the defaults
+becomes exactly ``sasa_resnet50_convstem`` (18.02M parameters). Replaced: every ``nn.Conv2d`` with a kernel above
+1x1, ``groups == 1``, ``in_channels >= min_channels`` and a name selected by ``stages``, by
+``SelfAttention2d(in, out, k, stride, heads)`` (stride > 1: attention + average pool); the new layer takes the old
+one's device, dtype and mode.
 
 Decisions the paper leaves open:
-- ``min_channels=16`` keeps convolutions with fewer input channels, so an RGB or grayscale stem stays a convolution
-  (the paper's "conv-stem" models); ``min_channels=1`` converts it too.
-- Bias: dropped. SASA layers are bias-free, as in the paper; in the target models every such convolution feeds a
-  normalisation layer where a bias is redundant. A warning names the convolutions whose bias was dropped.
-- Dilation is ignored: the attention window is always a dense k x k. The convolution's padding must be "same"
-  (``dilation * (kernel - 1) // 2``, or timm's dynamic ``Conv2dSame``) so the output size is unchanged; the padding
-  mode (zeros, reflect, ...) is replaced by the attention's own ``padding``.
-- Convolutions that match the filters but cannot become attention (non-square kernel or stride, padding that is not
-  "same", ``out_channels`` not divisible by ``heads``, odd head_dim with relative embeddings): ``strict=True`` (the
-  default) raises one ``ValueError`` naming all of them; ``strict=False`` keeps them as convolutions and warns.
-- Layers already inside a ``SelfAttention2d`` or ``AttentionStem`` are never touched, so converting twice replaces
-  nothing the second time.
-
-Status: complete.
+- ``min_channels=16`` keeps an RGB or grayscale stem a convolution (the "conv-stem" models); 1 converts it too.
+- Biases are dropped (SASA layers have none; here a norm follows), with a warning naming the convolutions.
+- Dilation is ignored (the window is a dense k x k); padding must be "same" (or timm's ``Conv2dSame``), and the
+  attention's own ``padding`` replaces the padding mode.
+- Convolutions that match but cannot become attention (non-square, padding not "same", ``out_channels`` not
+  divisible by ``heads``, odd head_dim): ``strict=True`` raises one ``ValueError`` naming all; ``strict=False``
+  keeps them and warns. Layers inside a ``SelfAttention2d`` or ``AttentionStem`` are never touched.
 """
 
 from __future__ import annotations

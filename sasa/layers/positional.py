@@ -2,10 +2,7 @@
 
 The first ``C // 2`` channels encode the row, the rest the column, each with the Transformer's sin/cos pairs
 at geometrically spaced frequencies (base 10000). The paper names the ablation but not the encoding's details;
-this is our choice (SPEC section 1).
-
-Status: complete.
-"""
+this is our choice (SPEC section 1)."""
 
 from __future__ import annotations
 

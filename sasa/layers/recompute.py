@@ -1,25 +1,14 @@
-"""Recompute activations in the backward instead of keeping them: ``recompute_saved_views``, and
-``checkpoint_keeping_buffers``.
+"""Recompute activations in the backward instead of keeping them (both opt-in; GPU time cost not yet measured).
 
-``SelfAttention2d`` passes q, k and v to the attention op as views of one fused 1x1 projection ``y`` (3 x C_out
-channels); a backend that saves its inputs for the backward (the Triton kernels do) keeps all of ``y`` alive until
-the backward, the largest activation a SASA layer adds over the convolution it replaces. Inside
-``recompute_saved_views(y, recompute)``, autograd saves every view of ``y`` as a recipe (shape, strides, offset);
-the first unpack in the backward calls ``recompute()`` (the projection again, from its input, which the projection
-keeps for its own weight gradient anyway) and rebuilds the views from the result. Memory: one fewer 3 x C_out
-activation per layer held from forward to backward; time: one more 1x1 projection per layer in the backward.
+``recompute_saved_views(y, recompute)`` (``SelfAttention2d(recompute_qkv=True)``): q, k and v are views of one fused
+1x1 projection ``y``, which a backend saving its inputs (Triton) keeps alive until the backward. Inside it autograd
+saves each view of ``y`` as a recipe; the first unpack in the backward calls ``recompute()`` and rebuilds the views:
+one fewer 3 x C_out activation per layer, one more 1x1 projection in the backward. The recompute runs under the
+forward's autocast state; an input changed in place since the forward raises instead of giving other values.
 
-Backends that save their own tensors (copies) rather than views of ``y`` are unaffected (correct, no saving).
-The recompute runs under the autocast state of the forward; if the projection's input changed in place between
-forward and backward, the unpack raises instead of returning different values.
-
-``checkpoint_keeping_buffers(fn, x, modules)`` is ``torch.utils.checkpoint`` (non-reentrant) whose recompute in the
-backward leaves the buffers of ``modules`` as the forward left them: a BatchNorm inside the checkpointed region
-updates its running statistics once per step, not twice. ``ResNet(checkpoint_stem=True)`` uses it for the stem
-part, whose full-resolution activations are the largest of the attention-stem model.
-
-Status: complete; both opt-in (``SelfAttention2d(recompute_qkv=True)``, ``ResNet(checkpoint_stem=True)``), their
-GPU time cost not yet measured.
+``checkpoint_keeping_buffers(fn, x, modules)`` (``ResNet(checkpoint_stem=True)``): non-reentrant
+``torch.utils.checkpoint`` whose recompute leaves the buffers of ``modules`` as the forward left them, so a BatchNorm
+inside updates its running statistics once per step, not twice.
 """
 
 from __future__ import annotations

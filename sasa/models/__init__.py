@@ -1,4 +1,4 @@
-"""Models: the ResNet family with SASA attention and the registry. Status: complete."""
+"""Models: the ResNet family with SASA attention and the registry."""
 
 from .registry import MODEL_INFO, create_model, list_models, register_model
 from .resnet import Bottleneck, ResNet

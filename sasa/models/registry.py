@@ -1,10 +1,7 @@
 """Model registry: ``create_model(name, num_classes=1000, **overrides)`` and ``list_models()``.
 
 Every registered name is also the CLI string (``sasa train --model NAME``, ``sasa info NAME``). Each entry carries
-its architecture config and the paper's reference figures (SPEC section 3) as metadata in ``MODEL_INFO``.
-
-Status: complete.
-"""
+its architecture config and the paper's reference figures (SPEC section 3) as metadata in ``MODEL_INFO``."""
 
 from __future__ import annotations
 

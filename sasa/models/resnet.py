@@ -1,21 +1,12 @@
 """ResNet v1.5 bottleneck networks with SASA attention: baseline, conv-stem + attention, full attention.
 
-One definition serves the paper's three variants and its ablations (SPEC section 3): ``attention_stages`` picks
-the stages whose 3x3 convolutions become ``SelfAttention2d`` layers (k=7, 8 heads by default; strided ones are
-attention + 2x2 average pool), ``stem`` picks the 7x7/2 conv + 3x3/2 max pool (``"conv"``), the attention stem +
-4x4/4 max pool (``"attention"``), or a 3x3/1 conv without pooling for small images such as 28x28 Fashion-MNIST or
-32x32 CIFAR (``"small"``, ours, not in the paper). BN and ReLU stay where ResNet has them; the shortcut projection
-stays a strided 1x1 conv.
-
-torchvision's attribute contract is kept (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1..4``, ``avgpool``,
-``fc``, a ``norm_layer`` argument), so ``torchvision.models.detection.backbone_utils.BackboneWithFPN`` and
-``RetinaNet`` take these models as they are.
-
-Stage widths are ``64 * width_multiplier * 2**i``, rounded to a multiple of ``2 * heads`` when the model has
-attention (so head_dim stays even for the relative tables) and of 8 otherwise; at ``width_multiplier=1`` this is
-exactly the paper's 64/128/256/512.
-
-Status: complete.
+One definition serves the paper's three variants and its ablations (SPEC section 3): ``attention_stages`` picks the
+stages whose 3x3 convolutions become ``SelfAttention2d`` (strided ones: attention + 2x2 average pool); ``stem`` is
+``"conv"`` (7x7/2 + max pool), ``"attention"`` (attention stem + 4x4/4 max pool) or ``"small"`` (3x3/1, no pool, for
+28-32 px images; ours). torchvision's attribute contract is kept (``conv1``, ``bn1``, ``layer1..4``, ``fc``,
+``norm_layer``), so ``BackboneWithFPN`` and ``RetinaNet`` take these models as they are. Stage widths are
+``64 * width_multiplier * 2**i`` rounded to a multiple of ``2 * heads`` with attention (even head_dim) and of 8
+otherwise: the paper's 64/128/256/512 at ``width_multiplier=1``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@ probabilities), whatever backend the layer runs its own forward with. The forwar
 layer has been seen. Works for any module that holds ``SelfAttention2d`` layers: the sasa models, models made by
 ``sasa.convert_to_attention``, sasa models built through timm.
 
-Status: complete. The attention stem (``AttentionStem``) is not covered: its block attention has no k x k window.
-"""
+The attention stem (``AttentionStem``) is not covered: its block attention has no k x k window."""
 
 from __future__ import annotations
 

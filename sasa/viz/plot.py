@@ -5,10 +5,7 @@ for the mean over heads. Each panel overlays the window's weights at their true 
 cell (i, j) of an ``h x w`` map covers image pixels ``[i * H / h, (i + 1) * H / h) x [j * W / w, (j + 1) * W / w)``,
 so every weight is drawn as the block of image pixels it stands for. All panels share one colour scale and one colour
 bar. Window cells outside the map are cut off at the image border; the weight they hold (``padding="zeros"`` keeps
-them in the softmax) is printed in the panel title as "off-map".
-
-Status: complete.
-"""
+them in the softmax) is printed in the panel title as "off-map"."""
 
 from __future__ import annotations
 
