@@ -10,10 +10,7 @@ Normalisation, activations, pooling and additions are not counted, as in the pap
 The count runs one forward pass with hooks on a meta-device copy of the model (shapes only, no arithmetic; the
 model's own device if a module cannot run on meta), so it works for any module, including models made by
 ``sasa.convert_to_attention``. Its attention runs the eager ``shifted`` backend whatever the layers or
-``SASA_BACKEND`` ask for: counting never waits for the ``inductor`` backend's compile.
-
-Status: complete.
-"""
+``SASA_BACKEND`` ask for: counting never waits for the ``inductor`` backend's compile."""
 
 from __future__ import annotations
 

@@ -48,15 +48,8 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: CocoDetection, *, di
              progress: bool = True) -> tuple[dict[str, float], list[dict]]:
     """COCO metrics (percent) of ``model`` on ``loader``'s images, and the gathered result records.
 
-    Args:
-        model: the detector (unwrapped).
-        loader: this rank's shard of ``dataset`` (``eval_loader``).
-        dataset: the ``CocoDetection`` (ground truth and category ids).
-        dist: this process's ``DistInfo``; rank 0 runs COCOeval, every rank gets the metrics.
-        amp_dtype: autocast dtype or None.
-        draw: draw the first ``draw`` images of rank 0's shard into ``draw_dir`` as PNG.
-        draw_dir: folder for the drawings.
-        progress: show a progress bar on rank 0.
+    ``loader`` is this rank's shard of ``dataset`` (``eval_loader``); rank 0 runs COCOeval, every rank gets the
+    metrics; ``draw`` > 0 draws the first images of rank 0's shard into ``draw_dir`` as PNG.
     """
     from tqdm import tqdm
 
@@ -83,14 +76,9 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: CocoDetection, *, di
 
 
 class DetectionTask:
-    """RetinaNet training (classification + box-regression loss) and COCOeval evaluation.
-
-    Args:
-        val_loader: ``eval_loader`` of ``val_set``.
-        val_set: the validation ``CocoDetection``.
-        dist: this process's ``DistInfo``.
-        amp_dtype: autocast dtype of the evaluation (the trainer's own wraps the training step).
-    """
+    """RetinaNet training (classification + box-regression loss) and COCOeval on ``val_set`` through
+    ``val_loader`` (its ``eval_loader``); ``amp_dtype`` is the evaluation's autocast (the trainer's own wraps the
+    training step)."""
 
     sums = ("loss", "loss_cls", "loss_box")
     score = "map"

@@ -63,15 +63,9 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp_dtype: torch
 
 
 class ClassificationTask:
-    """Cross-entropy training and top-1 / top-5 evaluation of an image classifier.
-
-    Args:
-        val_loader: yields ``sasa.data.Batch`` (``None``: no evaluation).
-        device: where batches go.
-        label_smoothing: of the training cross-entropy.
-        channels_last: convert inputs to channels-last memory.
-        amp_dtype: autocast dtype of the evaluation (the trainer's own wraps the training step).
-    """
+    """Cross-entropy training (``label_smoothing``) and top-1 / top-5 evaluation on ``val_loader`` (batches of
+    ``sasa.data.Batch``; ``None``: no evaluation), inputs moved to ``device`` (channels-last if asked);
+    ``amp_dtype`` is the evaluation's autocast (the trainer's own wraps the training step)."""
 
     sums = ("loss", "correct")
     score = "val_top1"

@@ -14,15 +14,8 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits.
-
-    Attributes:
-        rank: global rank, 0 .. world_size - 1.
-        world_size: number of processes.
-        local_rank: rank on this node (picks the GPU).
-        device: the torch device this process computes on.
-        is_main: ``rank == 0``: the only process that writes files and prints.
-    """
+    """Where this process sits: global ``rank`` of ``world_size``, ``local_rank`` on its node (picks the GPU), the
+    ``device`` it computes on, and ``is_main`` (rank 0: the only process that writes files and prints)."""
 
     rank: int
     world_size: int

@@ -143,15 +143,9 @@ def say_finished(run_dir: Path, summary: dict, result: str, command: str = "sasa
 
 
 class RunDirectory:
-    """The run directory of ``cfg`` (a new one, or the one ``cfg.resume`` names) and the writes into it.
-
-    Args:
-        cfg: the validated config (``output``, ``resume``).
-        dist: this process's ``DistInfo``.
-        default_name: the directory when ``cfg.output`` is unset.
-        command: ``"sasa train"`` or ``"sasa detect-train"`` (for messages).
-        meta: saved in every checkpoint (model name, classes, ...); compared on resume by the caller's ``check``.
-    """
+    """The run directory of ``cfg`` (``cfg.output`` or ``default_name``, or the one ``cfg.resume`` names) and the
+    writes into it; ``meta`` (model name, classes, ...) goes into every checkpoint and is compared on resume by the
+    caller's ``check``; ``command`` names the command in messages."""
 
     def __init__(self, cfg: C.RunConfig, dist: DistInfo, *, default_name: str, command: str, meta: dict) -> None:
         self.cfg, self.dist, self.command, self.meta = cfg, dist, command, meta

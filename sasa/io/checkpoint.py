@@ -23,13 +23,8 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically with ``torch.save``.
-
-    Args:
-        path: target file; its folder is created if needed.
-        state: plain containers of tensors, numbers, strings and ``None`` (no custom classes, so that
-            ``load_checkpoint`` can read it with ``weights_only=True``).
-    """
+    """Write ``state`` (plain containers of tensors, numbers, strings and ``None``, so that ``load_checkpoint``
+    reads it with ``weights_only=True``) to ``path`` atomically with ``torch.save``; the folder is created."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     atomic_write(path, lambda tmp: torch.save(state, tmp))
