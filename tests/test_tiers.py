@@ -3,6 +3,7 @@ dependencies, and the command line names the extra to install when one is missin
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -64,3 +65,56 @@ def test_cli_names_the_missing_extra():
     """)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "pip install 'sasa-vision[train]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# The import tiers, lowest first: a module may import from its own tier and the ones below, never above. The
+# library (tiers 0-4) is what `pip install sasa-vision` needs; the applications sit on top of it.
+TIERS = [
+    ("version", "settings", "process"),
+    ("backends",),
+    ("functional",),
+    ("layers",),
+    ("models", "flops", "timm_compat", "io"),
+    ("data", "viz"),
+    ("engine",),
+    ("detection", "bench", "info", "timm_train"),
+    ("cli", "__main__", "__init__"),
+]
+
+
+def _tier(module: str) -> int:
+    """Tier of a dotted module name below ``sasa`` (``"engine.train"`` -> its package's tier)."""
+    head = module.split(".")[0] if not module.endswith("__main__") else "__main__"  # entry points: the top
+    for level, names in enumerate(TIERS):
+        if head in names:
+            return level
+    raise AssertionError(f"sasa.{module} is in no tier of tests/test_tiers.py: add it")
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """``(imported sasa module relative to the package, line)`` for every import in ``path``."""
+    package = path.relative_to(ROOT / "sasa").with_suffix("").parts
+    package = package[:-1] if package[-1] != "__init__" else package[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(package[: len(package) - node.level + 1])
+            names = [".".join(base + ([node.module] if node.module else []))]
+            if not node.module:  # `from . import x` / `from .. import x`: each name is a module or an attribute
+                names = [".".join(base + [a.name]) for a in node.names]
+            found += [(n.strip("."), node.lineno) for n in names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sasa."):
+            found.append((node.module[len("sasa."):], node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(a.name[len("sasa."):], node.lineno) for a in node.names if a.name.startswith("sasa.")]
+    return found
+
+
+def test_imports_only_run_downward():
+    upward = []
+    for path in sorted((ROOT / "sasa").rglob("*.py")):
+        own = ".".join(path.relative_to(ROOT / "sasa").with_suffix("").parts)
+        for target, line in _imports(path):
+            if target and _tier(target) > _tier(own):
+                upward.append(f"sasa/{path.relative_to(ROOT / 'sasa')}:{line} imports sasa.{target}")
+    assert not upward, "imports running upward:\n" + "\n".join(upward)
