@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -97,8 +96,18 @@ def _load_all() -> None:
         pass
 
 
-_FORCED: ContextVar[str | None] = ContextVar("sasa_forced_backend", default=None)
-_RECORD: ContextVar[set | None] = ContextVar("sasa_backend_record", default=None)
+# What ``force`` and ``record`` set, as plain module state rather than ContextVars: torch.compile traces a dict
+# lookup, but not ``ContextVar.get`` before torch 2.14 (a graph break, an error under ``fullgraph=True``).
+_ACTIVE: dict = {"forced": None, "record": None}
+
+
+@contextlib.contextmanager
+def _set(key: str, value) -> Iterator[None]:
+    previous, _ACTIVE[key] = _ACTIVE[key], value
+    try:
+        yield
+    finally:
+        _ACTIVE[key] = previous
 
 
 @contextlib.contextmanager
@@ -108,26 +117,20 @@ def force(name: str) -> Iterator[None]:
     _load_all()
     if not any(n == name for _, n in _REGISTRY):  # an unknown name fails here, not at the first call inside
         get(name)
-    token = _FORCED.set(name)
-    try:
+    with _set("forced", name):
         yield
-    finally:
-        _FORCED.reset(token)
 
 
 @contextlib.contextmanager
 def record() -> Iterator[set[tuple[str, str]]]:
     """Collect the ``(op, name)`` of every backend the calls inside the block run (benchmarks report them)."""
-    token = _RECORD.set(used := set())
-    try:
+    with _set("record", used := set()):
         yield used
-    finally:
-        _RECORD.reset(token)
 
 
 def choose(op: str, x: torch.Tensor, backend: str | None = None, **kwargs) -> Backend:
     """The backend ``op`` runs on ``x`` (module docstring); ``kwargs`` go to ``can_run``."""
-    forced = _FORCED.get()
+    forced = _ACTIVE["forced"]
     name = forced if forced in all_backends(op) else backend or settings.backend(op)
     if name is not None:
         chosen = get(name, op)
@@ -137,7 +140,7 @@ def choose(op: str, x: torch.Tensor, backend: str | None = None, **kwargs) -> Ba
     else:
         ok = (b for b in ranked(op, x.device) if b.can_run(x, **kwargs) is None)
         chosen = next(ok, None) or get("reference", op)
-    if (used := _RECORD.get()) is not None:
+    if (used := _ACTIVE["record"]) is not None:
         used.add((op, chosen.name))
     return chosen
 
