@@ -186,31 +186,50 @@ def _run_bench(args) -> int:
     return main(args)
 
 
-def _add_train(sub) -> None:
+def _add_run(sub, name: str, *, task: str, help: str, description: str, config_help: str) -> None:
+    """``sasa train`` / ``sasa detect-train``: ``--config``, ``--resume`` and one flag per config key of the task."""
     from .engine.config import add_flags
+    from .engine.rundir import PREVIOUS
 
-    p = sub.add_parser("train", help="train a classifier (default: the Fashion-MNIST demo); works under torchrun",
-                       description="Train a model. With no arguments: the Fashion-MNIST demo of configs/default.yaml. "
-                                   "Values come from the built-in defaults < --config FILE < flags. Under "
-                                   "`torchrun --nproc_per_node=N` the same command trains with DDP (--batch-size is "
-                                   "global). SIGINT/SIGTERM save a checkpoint and exit; --resume RUN_DIR continues.")
-    p.add_argument("--config", help="YAML file of config keys (e.g. configs/imagenet_sasa_resnet50.yaml)")
+    p = sub.add_parser(name, help=help, description=description + " Values: built-in defaults < --config FILE < "
+                       "flags. Under `torchrun --nproc_per_node=N` the same command trains with DDP (--batch-size is "
+                       "global). SIGINT/SIGTERM save last.pt and exit; --resume RUN_DIR continues.")
+    p.add_argument("--config", help=config_help)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (or from "
-                   "a checkpoint file in it, e.g. RUN_DIR/last.prev.pt); a finished run is left as it is")
-    add_flags(p)
-    p.set_defaults(func=_run_train)
+                   f"a checkpoint file in it, e.g. RUN_DIR/{PREVIOUS}); a finished run is left as it is")
+    add_flags(p, _task(task)[0])
+    p.set_defaults(func=_run, task=task)
 
 
-def _run_train(args) -> int:
-    from .engine import config as cfg_mod
+def _task(task: str):
+    """``(config class, config_for_resume, train)`` of a training task."""
+    if task == "detect":
+        from .detection.config import DetectConfig
+        from .detection.engine import config_for_resume, train
+
+        return DetectConfig, config_for_resume, train
+    from .engine.config import TrainConfig
     from .engine.train import config_for_resume, train
 
-    overrides = cfg_mod.overrides_from_args(args)
+    return TrainConfig, config_for_resume, train
+
+
+def _run(args) -> int:
+    from .engine import config as cfg_mod
+
+    schema, config_for_resume, train = _task(args.task)
+    if args.resume == "auto":
+        raise cfg_mod.ConfigError("--resume auto was removed: pass the run directory, --resume RUN_DIR")
+    overrides = cfg_mod.overrides_from_args(args, schema)
     if args.resume:
-        cfg = config_for_resume(args.resume, overrides)
-    else:
-        cfg = cfg_mod.resolve(args.config, overrides)
-    return train(cfg)
+        return train(config_for_resume(args.resume, overrides))
+    return train(cfg_mod.resolve(args.config, overrides, schema=schema))
+
+
+def _add_train(sub) -> None:
+    _add_run(sub, "train", task="classify", help="train a classifier (default: the Fashion-MNIST demo); works under "
+             "torchrun", description="Train a model. With no arguments: the Fashion-MNIST demo of "
+             "configs/default.yaml.", config_help="YAML file of config keys (e.g. configs/imagenet_sasa_resnet50.yaml)")
 
 
 def _add_eval(sub) -> None:
@@ -245,37 +264,9 @@ def _run_eval(args) -> int:
 
 
 def _add_detect_train(sub) -> None:
-    from .engine.config import add_flags
-    from .engine.rundir import PREVIOUS
-
-    p = sub.add_parser("detect-train", help="train RetinaNet (SASA backbones, conv/attention heads) on COCO-format "
-                                            "data; works under torchrun",
-                       description="Train a RetinaNet. Values: built-in defaults (the paper's recipe) < --config FILE "
-                                   "< flags; every config key is a flag, as for `sasa train`. Under `torchrun "
-                                   "--nproc_per_node=N` the same command trains with DDP (--batch-size is global). "
-                                   "SIGINT/SIGTERM save last.pt and exit; --resume RUN_DIR continues.")
-    p.add_argument("--config", help="YAML recipe (configs/coco_retinanet_*.yaml); flags override it")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (or from "
-                   f"a checkpoint file in it, e.g. RUN_DIR/{PREVIOUS}); a finished run is left as it is")
-    from .detection.config import DetectConfig
-
-    add_flags(p, DetectConfig)
-    p.set_defaults(func=_run_detect_train)
-
-
-def _run_detect_train(args) -> int:
-    from .detection.config import DetectConfig
-    from .detection.engine import config_for_resume, train
-    from .engine import config as cfg_mod
-
-    if args.resume == "auto":
-        raise cfg_mod.ConfigError("--resume auto was removed: pass the run directory, --resume RUN_DIR")
-    overrides = cfg_mod.overrides_from_args(args, DetectConfig)
-    if args.resume:
-        cfg = config_for_resume(args.resume, overrides)
-    else:
-        cfg = cfg_mod.resolve(args.config, overrides, schema=DetectConfig)
-    return train(cfg)
+    _add_run(sub, "detect-train", task="detect", help="train RetinaNet (SASA backbones, conv/attention heads) on "
+             "COCO-format data; works under torchrun", description="Train a RetinaNet; the built-in defaults are the "
+             "paper's recipe.", config_help="YAML recipe (configs/coco_retinanet_*.yaml); flags override it")
 
 
 def _add_detect_eval(sub) -> None:

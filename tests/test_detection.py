@@ -4,7 +4,6 @@ weights, COCO-format data with bad inputs, COCOeval, drawing, the training engin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _procs import run_group
 from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -415,13 +415,7 @@ def test_training_on_shapes_learns_and_cli_evaluates(shapes, tmp_path, capsys):
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 -m sasa ARGS`` (a free port; the group is killed on timeout)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sasa", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_group(cmd, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from datetime import timedelta
@@ -25,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _procs import run_group
 from torch import nn
 
 from sasa.data.synthetic import MEAN, STD, SyntheticImages
@@ -182,15 +182,7 @@ def _env() -> dict:
 
 
 def _run(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group (killed whole on timeout: torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_group(cmd, env=_env(), cwd=ROOT, timeout=timeout)
 
 
 def _losses(run: Path) -> tuple[list[float], list[float]]:
