@@ -34,7 +34,7 @@ if command -v ncu >/dev/null 2>&1; then
 fi
 # the model and stem rows first (they matter most), the layer rows after; each writes its own JSON
 timeout 185 python -m sasa bench --device cuda --mode stem,model --profile 12 --models resnet50,sasa_resnet50_convstem,\
-sasa_resnet50,sasa_resnet50@stem_backend=torch,sasa_resnet50@checkpoint_stem=True@recompute_qkv=True,\
+sasa_resnet50,sasa_resnet50@stem_backend=shifted,sasa_resnet50@checkpoint_stem=True@recompute_qkv=True,\
 sasa_resnet50_convstem@recompute_qkv=True \
     --out "$OUT/bench_cuda_model.json" 2>&1 | tee "$OUT/bench_model.log"
 timeout 45 python -m sasa bench --device cuda --mode layer --skip-slow --out "$OUT/bench_cuda_layer.json" 2>&1 \
