@@ -42,7 +42,7 @@ def resume_paths(resume: str | os.PathLike) -> tuple[Path, Path]:
 def _checkpoint_summary(path: Path) -> str | None:
     """``"epoch 2, step 15, full training state"`` for a readable checkpoint, ``None`` for an unreadable one."""
     try:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, mmap=True)
         p = state["progress"]
     except (CheckpointError, FileNotFoundError, KeyError, TypeError):
         return None
@@ -75,9 +75,10 @@ def unusable_checkpoint_message(run_dir: Path, ckpt: Path, reason: str, command:
     return "\n".join(lines)
 
 
-def load_resume_checkpoint(run_dir: Path, ckpt: Path, map_location="cpu", command: str = "sasa train") -> dict:
+def load_resume_checkpoint(run_dir: Path, ckpt: Path, map_location="cpu", command: str = "sasa train", *,
+                           mmap: bool = False) -> dict:
     try:
-        state = load_checkpoint(ckpt, map_location=map_location)
+        state = load_checkpoint(ckpt, map_location=map_location, mmap=mmap)
     except CheckpointError as err:
         raise CheckpointError(unusable_checkpoint_message(run_dir, ckpt, str(err), command)) from err
     if "progress" not in state:
@@ -121,7 +122,7 @@ def finished_summary(cfg: C.RunConfig, *, check: Callable[[dict, str], None], co
     trained ``cfg.epochs`` epochs (or more) and ``complete(summary)``. ``None`` when there is work left.
     ``check(meta, source)`` raises when the checkpoint belongs to another model."""
     run_dir, ckpt = resume_paths(cfg.resume)
-    state = load_resume_checkpoint(run_dir, ckpt, command=command)
+    state = load_resume_checkpoint(run_dir, ckpt, command=command, mmap=True)  # start() reads the tensors
     check(state.get("meta", {}), str(ckpt))
     epoch = state["progress"]["epoch"]
     if epoch < cfg.epochs:

@@ -30,8 +30,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by ``save_checkpoint`` with ``torch.load(weights_only=True)``.
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
+    """Read a checkpoint written by ``save_checkpoint`` with ``torch.load(weights_only=True)``; ``mmap`` maps the
+    file instead of reading it, so a caller that only looks at ``progress`` or ``meta`` never reads the tensors.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -42,7 +43,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or not a plain-tensor checkpoint "
                               f"(loaded with weights_only=True): {_reason(err)}") from err
