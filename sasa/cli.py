@@ -188,7 +188,7 @@ def _run_bench(args) -> int:
 
 def _add_run(sub, name: str, *, task: str, help: str, description: str, config_help: str) -> None:
     """``sasa train`` / ``sasa detect-train``: ``--config``, ``--resume`` and one flag per config key of the task."""
-    from .engine.config import add_flags
+    from .engine.flags import add_flags
     from .engine.rundir import PREVIOUS
 
     p = sub.add_parser(name, help=help, description=description + " Values: built-in defaults < --config FILE < "
@@ -215,15 +215,16 @@ def _task(task: str):
 
 
 def _run(args) -> int:
-    from .engine import config as cfg_mod
+    from .engine.config import ConfigError, resolve
+    from .engine.flags import overrides_from_args
 
     schema, config_for_resume, train = _task(args.task)
     if args.resume == "auto":
-        raise cfg_mod.ConfigError("--resume auto was removed: pass the run directory, --resume RUN_DIR")
-    overrides = cfg_mod.overrides_from_args(args, schema)
+        raise ConfigError("--resume auto was removed: pass the run directory, --resume RUN_DIR")
+    overrides = overrides_from_args(args, schema)
     if args.resume:
         return train(config_for_resume(args.resume, overrides))
-    return train(cfg_mod.resolve(args.config, overrides, schema=schema))
+    return train(resolve(args.config, overrides, schema=schema))
 
 
 def _add_train(sub) -> None:

@@ -6,7 +6,6 @@ flags; dict fields (``model_args``, ``backbone_args``) merge key by key. Every f
 ``--batch-size``). Bad keys, types and values raise ``ConfigError`` naming the key before any data is read; a
 renamed key names its new spelling (``RENAMED``)."""
 
-import argparse
 import dataclasses
 import difflib
 import os
@@ -19,7 +18,6 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from ..io.atomic import atomic_write_text
-from ..models.args import parse_model_args
 
 DATASETS = ("fashion-mnist", "imagefolder", "cifar10", "cifar100", "synthetic")
 AUGMENTS = ("crop-flip", "inception", "flip", "none")
@@ -103,9 +101,9 @@ class RunConfig:
         for name, f in fields_of(type(self)).items():
             value, bound = getattr(self, name), f.metadata.get("bound")
             if bound and value is not None and not _within(value, bound):
-                null = " or null" if _base_type(f.type)[1] else ""
+                null = " or null" if base_type(f.type)[1] else ""
                 raise ConfigError(f"config key {name!r} must be {bound}{null}, got {value}")
-            if _base_type(f.type)[0] is dict:
+            if base_type(f.type)[0] is dict:
                 for k, v in value.items():
                     if not isinstance(k, str):
                         raise ConfigError(f"config key {name!r} must map names to values, got key {k!r}")
@@ -156,7 +154,7 @@ def fields_of(schema: type = TrainConfig) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(schema)}
 
 
-def _base_type(tp) -> tuple[type, bool]:
+def base_type(tp) -> tuple[type, bool]:
     """(underlying type, optional?) of a field annotation such as ``Optional[int]``."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -166,7 +164,7 @@ def _base_type(tp) -> tuple[type, bool]:
 
 
 def _type_name(tp) -> str:
-    base, optional = _base_type(tp)
+    base, optional = base_type(tp)
     name = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
             list: "a list"}[base]
     return name + (" or null" if optional else "")
@@ -183,7 +181,7 @@ def check_value(key: str, value: Any, *, source: str = "", schema: type = TrainC
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown config key {key!r}{where}{hint}; valid keys: {', '.join(fields)}")
     f = fields[key]
-    base, optional = _base_type(f.type)
+    base, optional = base_type(f.type)
     if value is None:
         if optional:
             return None
@@ -232,7 +230,7 @@ def resolve(config_file: str | os.PathLike | None = None, overrides: dict | None
         v = check_value(k, v, source="command line", schema=schema)
         (flag_dicts if isinstance(v, dict) else values)[k] = v
     for name, f in fields_of(schema).items():
-        if _base_type(f.type)[0] is dict:
+        if base_type(f.type)[0] is dict:
             start = dict(values[name]) if name in values else schema.dict_default(name, values)
             values[name] = {**start, **flag_dicts.get(name, {})}
     return schema(**values).validate()
@@ -261,44 +259,6 @@ def from_dict(data: dict, *, source: str = "", schema: type = TrainConfig) -> Ru
     """A config from a plain dict (a run directory's ``config.yaml`` or a checkpoint), validated key by key."""
     values = {k: check_value(k, v, source=source, schema=schema) for k, v in data.items()}
     for name, f in fields_of(schema).items():
-        if _base_type(f.type)[0] is dict:
+        if base_type(f.type)[0] is dict:
             values.setdefault(name, {})
     return schema(**values)
-
-
-# ---- command-line flags: one per field ------------------------------------------------------------------------
-
-
-def add_flags(parser: argparse.ArgumentParser, schema: type = TrainConfig, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per config field to ``parser`` (but ``skip``); unset flags stay absent from the parsed namespace."""
-    for name, f in fields_of(schema).items():
-        if name in skip:
-            continue
-        if not f.metadata.get("flag", True):
-            continue
-        flag = "--" + name.replace("_", "-")
-        base, _ = _base_type(f.type)
-        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif base is dict:
-            parser.add_argument(flag, nargs="+", metavar="KEY=VALUE", **kw)
-        elif base is list:
-            parser.add_argument(flag, nargs="+", type=float, **kw)
-        else:
-            parser.add_argument(flag, type=base, **kw)
-
-
-def overrides_from_args(args: argparse.Namespace, schema: type = TrainConfig) -> dict:
-    """The config keys given on the command line."""
-    fields = fields_of(schema)
-    out = {k: getattr(args, k) for k in fields if hasattr(args, k) and fields[k].metadata.get("flag", True)}
-    for k, v in out.items():
-        if _base_type(fields[k].type)[0] is dict:
-            try:
-                out[k] = parse_model_args(v)
-            except ValueError as err:
-                raise ConfigError(str(err).replace("--model-args", "--" + k.replace("_", "-"))) from None
-    return out
