@@ -77,6 +77,9 @@ class ResNet(nn.Module):
         stem_values: values of the attention stem, ``"spatial"``, ``"plain"`` or ``"conv"``.
         stem_mixtures: m, the number of value matrices of the spatially-aware stem.
         stem_backend: ``AttentionStem``'s ``backend`` ("torch" / "triton"; None: Triton on CUDA).
+        stem_relu: a ReLU between the stem's BN and its pool. None (default): the paper's choice, ReLU after the
+            conv stems (ResNet's) and none after the attention stem (SPEC section 2: attention, BN, max pool).
+            The ReLU has no parameters, so weights load either way.
         width_multiplier: scales every width.
         zero_init_residual: zero-init each block's last BN gamma (torchvision's option).
         norm_layer: normalisation constructor, ``nn.BatchNorm2d`` by default.
@@ -88,7 +91,7 @@ class ResNet(nn.Module):
                  positional: str = "relative", query_key: bool = True, rel_per_head: bool = False,
                  scale: float = 1.0, backend: str | None = None, recompute_qkv: bool = False, stem: str = "conv",
                  stem_values: str = "spatial", stem_mixtures: int = 4, stem_backend: str | None = None,
-                 checkpoint_stem: bool = False,
+                 checkpoint_stem: bool = False, stem_relu: bool | None = None,
                  width_multiplier: float = 1.0,
                  zero_init_residual: bool = False,
                  norm_layer: Callable[[int], nn.Module] | None = None, drop_rate: float = 0.0) -> None:
@@ -124,7 +127,8 @@ class ResNet(nn.Module):
         # in registration order
         self.conv1 = conv1
         self.bn1 = norm_layer(stem_width)
-        self.relu = nn.ReLU(inplace=True)
+        stem_relu = stem != "attention" if stem_relu is None else stem_relu
+        self.relu = nn.ReLU(inplace=True) if stem_relu else nn.Identity()  # Identity keeps the attribute contract
         self.maxpool = maxpool
         attn = dict(kernel_size=kernel_size, heads=heads, padding=padding, positional=positional,
                     query_key=query_key, rel_per_head=rel_per_head, scale=scale, backend=backend,
