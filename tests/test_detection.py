@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from _procs import run_group
+from _shapes_coco import write_shapes_coco
 from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -23,7 +24,7 @@ import sasa
 from sasa.detection import DETECTORS, create_detector, detector_flops
 from sasa.detection.coco_eval import coco_evaluate, format_table, to_coco_records
 from sasa.detection.config import DetectConfig
-from sasa.detection.data import CocoDetection, collate, train_transforms, write_shapes_coco
+from sasa.detection.data import CocoDetection, collate, train_transforms
 from sasa.detection.draw import draw_detections
 from sasa.detection.retinanet import _DenseForward
 from sasa.engine import config as C
