@@ -5,12 +5,8 @@ convention: per pixel at the pre-pool resolution, ``P * C_in * C_out`` multiply-
 ``T * k * k * C_out`` for the T window terms (q.k, q.r and weights-times-values, so P = T = 3 by default; the
 q.r-only ablation drops one of each, ``positional`` absolute/none drops q.r). The attention stem counts its
 projections (``2 + m`` value matrices for spatially-aware values), the mixture and both attention products.
-Normalisation, activations, pooling and additions are not counted, as in the paper's table.
-
-The count runs one forward pass with hooks on a meta-device copy of the model (shapes only, no arithmetic; the
-model's own device if a module cannot run on meta), so it works for any module, including models made by
-``sasa.convert_to_attention``. Its attention runs the eager ``shifted`` backend whatever the layers or
-``SASA_BACKEND`` ask for: counting never waits for the ``inductor`` backend's compile."""
+Normalisation, activations, pooling and additions are not counted, as in the paper's table. The count is one
+forward pass with hooks (``shape_forward``), so it works for any module, ``sasa.convert_to_attention``'s included."""
 
 from __future__ import annotations
 
@@ -47,12 +43,8 @@ def stem_macs(stem: AttentionStem, height: int, width: int) -> int:
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)) -> int:
-    """FLOPs (2 per multiply-add) of one forward pass of ``model`` on an input of ``input_size``.
-
-    Args:
-        model: any module; SASA layers and the attention stem are counted with the paper's convention.
-        input_size: ``(B, C, H, W)``; FLOPs scale with B.
-    """
+    """FLOPs (2 per multiply-add) of one forward pass of any ``model`` on an input of ``input_size``
+    ``(B, C, H, W)`` (FLOPs scale with B); SASA layers and the attention stem with the paper's convention."""
     if len(input_size) != 4:
         raise ValueError(f"input_size must be (B, C, H, W), got {input_size!r}")
     totals: list[int] = []
@@ -90,8 +82,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)
 def shape_forward(model: nn.Module, input_size: tuple[int, ...], *, reset: Callable[[], object] | None = None) -> None:
     """One forward pass of ``model`` on zeros of ``input_size`` for the shapes its hooks see: on a meta-device copy
     (no arithmetic; hooks travel with the copy), else, for modules that cannot run on meta, on the model's own device
-    after ``reset()`` (forget what the failed meta pass recorded). Attention runs the eager ``shifted`` backend, so
-    this never compiles."""
+    after ``reset()`` (forget what the failed meta pass recorded). Attention runs the eager ``shifted`` backend
+    whatever the layers or ``SASA_BACKEND`` ask for, so this never compiles."""
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     with torch.no_grad(), backends.force("shifted"):

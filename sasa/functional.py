@@ -15,10 +15,9 @@ image as k = v = 0 that still take part in the softmax with logit ``scale * q . 
 from the softmax. Windows larger than the map are legal in both modes. ``k=None`` gives q.r-only logits (the
 paper's ablation without W_K).
 
-With ``padding="mask"`` an offset as large as the map is outside it for every query, so it is masked everywhere:
-the op then runs the window clipped to ``2 * max(H, W) - 1`` with the middle rows of the tables (exact: the same
-output, and zero gradient for the table rows left out, as the full window gives). On the small maps of CIFAR- or
-Fashion-MNIST-sized inputs (2x2 and 1x1 in the last stages) that skips most of a 7x7 window.
+With ``padding="mask"`` an offset as large as the map is masked for every query, so the op runs the window
+clipped to ``2 * max(H, W) - 1`` with the middle rows of the tables (exact: same output, and zero gradient for the
+table rows left out, as the full window).
 
 Both ops choose their backend in ``sasa.backends`` (one registry and vocabulary: ``reference`` the oracle,
 ``shifted`` eager PyTorch, ``inductor`` compiled on CPU, ``triton`` on CUDA; its docstring has the table), and only
@@ -37,13 +36,8 @@ PADDING_MODES = ("zeros", "mask")
 
 def available_backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                        op: str = "window") -> list[str]:
-    """Names of ``op``'s backends that can run on ``device`` with ``dtype``, fastest first.
-
-    Args:
-        device: a device or device string, e.g. ``"cpu"`` or ``"cuda"``.
-        dtype: the tensor dtype to check for.
-        op: ``"window"`` (``local_attention_2d``) or ``"stem"`` (``stem_attention``).
-    """
+    """Names of ``op``'s backends (``"window"``: ``local_attention_2d``, ``"stem"``: ``stem_attention``) that can
+    run on ``device`` with ``dtype``, fastest first."""
     device = torch.device(device)
     probe = torch.empty(1, 1, 1, 1, 2, device="meta", dtype=dtype)
     return [b.name for b in _backends.ranked(op, device) if b.can_run(probe, device=device) is None]
@@ -136,14 +130,14 @@ def local_attention_2d(
         rel_rows: row-offset embeddings, ``(kernel_size, head_dim // 2)`` or ``(heads, kernel_size, head_dim // 2)``.
         rel_cols: column-offset embeddings, same shapes as ``rel_rows``.
         kernel_size: odd window size.
-        padding: ``"zeros"`` (default) or ``"mask"``, see the module docstring.
-        scale: multiplies the logits; 1.0 (the paper's equations have no 1/sqrt(d)).
+        padding: ``"zeros"`` or ``"mask"``, see the module docstring.
+        scale: multiplies the logits (the paper's equations have no 1/sqrt(d)).
         backend: a name from ``available_backends(device)``; ``None`` picks the fastest that can run
-            (``SASA_BACKEND`` in the environment overrides the automatic choice); inside a
-            ``sasa.backends.force(name)`` block every call runs ``name``.
+            (``SASA_BACKEND`` overrides the automatic choice); inside ``sasa.backends.force(name)`` every call runs
+            ``name``.
 
     Returns:
-        ``(B, H, W, heads, head_dim)`` tensor, the attention output.
+        ``(B, H, W, heads, head_dim)``.
     """
     kernel_size = _check(q, k, v, rel_rows, rel_cols, kernel_size, padding)
     scale = float(scale)
@@ -179,8 +173,7 @@ def stem_attention(x: torch.Tensor, g: torch.Tensor, pm: torch.Tensor | None, wv
         backend: a name from ``available_backends(device, op="stem")``; ``None`` picks as for ``local_attention_2d``
             (``SASA_STEM_BACKEND`` overrides the automatic choice).
 
-    Returns:
-        ``(B, heads * d, H, W)``, contiguous.
+    Returns: ``(B, heads * d, H, W)``, contiguous.
     """
     B, C, H, W = x.shape
     heads, J, d = wv.shape

@@ -2,10 +2,9 @@
 
 ``configure_process(device, threads=...)`` sets torch's CPU threads and, on CPU, ``keep_freed_memory()``: glibc
 otherwise hands every large freed block back to the OS, so each training step faults its activations' pages in
-again (on a 2-core VM one step of resnet26 got ~14% faster with freed memory kept; BENCHMARKS.md). It sets glibc's
-``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD`` to its maximum through ``mallopt`` (as ``MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=...`` would); the process keeps the memory of its peak. ``SASA_CPU_MALLOC=default`` leaves the
-allocator alone; other C libraries than glibc are left as they are and say so."""
+again. It sets glibc's ``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD`` to its maximum through ``mallopt`` (as
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` would); the process keeps the memory of its peak.
+``SASA_CPU_MALLOC=default`` leaves the allocator alone; C libraries other than glibc are left as they are."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """The ``reference`` backend: the readable oracle that defines the semantics of ``local_attention_2d``.
 
-It pads K and V, unfolds every k x k window (memory grows k*k-fold: this is for tests, not training), and
-computes the softmax with plain autograd. Works on any device and dtype, float64 included, so it is the target of
-every gradcheck and of every other backend's tests. See ``sasa/functional.py`` for the layout and the maths.
-
-Deliberately slow."""
+It pads K and V, unfolds every k x k window (k*k-fold memory: for tests, not training) and lets autograd
+differentiate. Any device and dtype, float64 included: the target of every gradcheck and of every other backend's
+tests. Layout and maths in ``sasa/functional.py``."""
 
 from __future__ import annotations
 

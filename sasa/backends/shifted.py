@@ -8,24 +8,16 @@ pitch; the r extra columns per row are computed and dropped, and because q and d
 nothing to any gradient). Per pass:
 
 - logits ``sum_d q * k_window``: one ``addcmul_`` per channel d over all k*k offsets at once (a strided view
-  of the padded K whose (a, b, n) strides are (P, 1, 1)), which streams the logits instead of K;
-- ``out = sum_o p_o * v_o`` and the backward's gathers / scatters: one ``addcmul_`` per offset on contiguous
-  slices.
+  of the padded K whose (a, b, n) strides are (P, 1, 1));
+- ``out = sum_o p_o * v_o`` and the backward's gathers / scatters: one ``addcmul_`` per offset.
 
-Autograd saves q, k, v (views, no copies) and the softmax probabilities ``(B, heads, k*k, H*P)``; the backward
-recomputes the rest. Peak memory is about twice the probabilities plus a few padded ``(B, H, W, heads, head_dim)``
-buffers, against k*k copies of K and V (and their gradients) for unfold.
+Autograd saves q, k, v (views) and the probabilities ``(B, heads, k*k, H*P)``; the backward recomputes the rest
+(no k*k copies of K and V as with unfold). A 1x1 NCHW convolution's output viewed as ``(B, H, W, heads, head_dim)``
+is already channels-first, so the permutes below are free for the layer.
 
-On CPU this layout is also the one the models produce: a 1x1 NCHW convolution's output viewed as
-``(B, H, W, heads, head_dim)`` is already channels-first, so the permutes below are free.
-
-The op is split into prep / core / crop: a core is the (forward, backward) pair that computes the flat padded
-results; ``"eager"`` is the loops below, ``"inductor"`` (``inductor.py``, through ``register_core`` and the public
-helpers here) the same maths compiled, which is the default on CPU. Both run behind the same custom ops.
-
-Runs on any device and dtype. See ``sasa/functional.py`` for layout and maths.
-
-The eager CPU path (and the fallback of ``inductor``)."""
+A core is the (forward, backward) pair on the flat padded buffers: ``"eager"`` (below) or one registered with
+``register_core`` (``inductor.py``); both run behind the same custom ops. Any device and dtype; layout and maths
+in ``sasa/functional.py``."""
 
 from __future__ import annotations
 
@@ -71,16 +63,14 @@ def padded_keys(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _window(xp: torch.Tensor, channel: int, K: int, P: int, N: int) -> torch.Tensor:
-    """View ``(B, h, K, K, N)`` of one channel of a padded buffer:
-    ``[..., a, b, n] = xp[..., channel, n + a*P + b]``."""
+    """View ``(B, h, K, K, N)`` of one channel of padded ``xp``: ``[..., a, b, n] = xp[..., channel, n + a*P + b]``."""
     s = xp.stride()
     return xp.as_strided((xp.shape[0], xp.shape[1], K, K, N), (s[0], s[1], P, 1, 1),
                          xp.storage_offset() + channel * s[2])
 
 
 def _dots(x: torch.Tensor, yp: torch.Tensor, K: int, P: int, acc: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, h, K*K, N): sum over channels of x (B, h, d, N) times the windows of yp (B, h, d, L), added to ``acc``
-    (in place) if given."""
+    """(B, h, K*K, N): sum over d of x (B, h, d, N) times yp's (B, h, d, L) windows, added in place to ``acc``."""
     B, h, d, N = x.shape
     for c in range(d):
         term = (x[:, :, c, None, None, :], _window(yp, c, K, P, N))
@@ -100,7 +90,7 @@ def window_starts(K: int, P: int) -> list[int]:
 def _gather(w: torch.Tensor, xp: torch.Tensor, starts: list[int], out: torch.Tensor) -> torch.Tensor:
     """out (B, h, d, N) = sum_o w[:, :, o] * xp[..., s_o : s_o + N]."""
     N = out.shape[-1]
-    # one unbind for the 49 weight rows and narrow for the slices: less Python per pass (the loop is ~6% faster)
+    # one unbind for the weight rows and narrow for the slices: less Python per offset
     for o, (s, w_o) in enumerate(zip(starts, w.unsqueeze(3).unbind(2))):
         if o == 0:
             torch.mul(w_o, xp.narrow(-1, s, N), out=out)
@@ -142,8 +132,7 @@ def outside_mask(H: int, W: int, K: int, device: torch.device) -> torch.Tensor:
 
 
 def eager_forward(q, k, v, rel_rows, rel_cols, K: int, mask: bool, scale: float):
-    """The eager core: ``(out (B, h, d, N) flat, probs (B, h, K*K, N))``. Each padded buffer is made where it is
-    used and dropped after, which keeps the peak low."""
+    """The eager core: ``(out (B, h, d, N) flat, probs (B, h, K*K, N))``; padded buffers are dropped after use."""
     B, H, W, h, d = q.shape
     c = d // 2
     r, P, _ = geometry(H, W, K)
@@ -238,8 +227,7 @@ _CORES = {"eager": (eager_forward, eager_backward)}  # name -> (forward core, ba
 
 
 def register_core(name: str, forward: Callable, backward: Callable) -> None:
-    """Run ``shifted_attention(..., core=name)`` with ``forward`` / ``backward`` in place of ``eager_forward`` /
-    ``eager_backward`` (same arguments and results)."""
+    """``shifted_attention(..., core=name)`` runs these in place of ``eager_forward`` / ``eager_backward``."""
     _CORES[name] = (forward, backward)
 
 

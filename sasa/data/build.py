@@ -26,17 +26,9 @@ SYNTHETIC_SIZES = {"train": 2048, "test": 512}
 
 @dataclass
 class DataBundle:
-    """What the engine needs to know about the data.
-
-    Attributes:
-        train: training set (transformed, augmented).
-        val: per-epoch validation set: the hold-out split, or the test split when there is no hold-out.
-        test: the official test/val split when ``val`` is a hold-out, else ``None`` (``val`` is the test split).
-        num_classes, in_chans, image_size: model-facing shape facts.
-        classes: class names.
-        source: where the files came from (for the log).
-        val_name: ``"holdout"`` or ``"test"``.
-    """
+    """What the engine needs to know about the data. ``val`` is the per-epoch validation set: the hold-out split
+    (``val_name="holdout"``, and ``test`` the official test/val split) or the test split (``"test"``, ``test`` None);
+    ``source`` says where the files came from."""
 
     train: TransformedDataset
     val: TransformedDataset
@@ -93,16 +85,14 @@ def _transform(name: str, *, train: bool, augment: str, image_size: int):
 def build_data(name: str, *, data_dir: str | os.PathLike | None = None, image_size: int | None = None,
                augment: str | None = None, holdout_fraction: float = 0.0, holdout_seed: int = 0,
                train_subset: int | None = None, val_subset: int | None = None, seed: int = 0) -> DataBundle:
-    """Build the datasets of a run.
+    """The datasets of a run on ``name`` (one of ``DATASETS``).
 
     Args:
-        name: one of ``DATASETS``.
-        data_dir: where the files are (see each dataset's module for the lookup rules).
-        image_size: model input side; ``None`` for the dataset's default (``DEFAULT_IMAGE_SIZE``).
-        augment: ``"crop-flip"``, ``"inception"``, ``"none"``; ``None`` for the dataset's default.
-        holdout_fraction: fraction of the training set held out as validation (0 for none).
-        holdout_seed: fixes which samples are held out.
-        train_subset, val_subset: keep only the first N samples (quick trials and tests).
+        data_dir: where the files are (each dataset's module has the lookup rules).
+        image_size, augment: ``None`` for the dataset's default (``DEFAULT_IMAGE_SIZE``, ``DEFAULT_AUGMENT``).
+        holdout_fraction, holdout_seed: the fraction of the training set held out as validation (0: none), and
+            the seed that picks it.
+        train_subset, val_subset: keep only the first N samples.
         seed: augmentation seed.
     """
     check_data_config(name, data_dir)

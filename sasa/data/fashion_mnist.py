@@ -72,10 +72,7 @@ def _missing(folder: Path) -> list[str]:
 
 
 def locate(data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Path:
-    """The folder holding the four Fashion-MNIST files, following the lookup order of the module docstring.
-
-    A named ``data_dir`` is used or rejected: its files, or a download into it, and never another source.
-    """
+    """The folder holding the four Fashion-MNIST files, in the lookup order of the module docstring."""
     candidates = [Path(data_dir)] if data_dir else [DEBIAN_DIR, Path.home() / ".cache" / "sasa"]
     for folder in candidates:
         if folder.is_dir() and _folder_has_all(folder):
@@ -110,12 +107,8 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST split ``"train"`` or ``"test"``; items are ``(uint8 tensor (1, 28, 28), int label)``.
-
-    Args:
-        folder: a folder returned by ``locate``.
-        split: ``"train"`` or ``"test"``.
-    """
+    """Fashion-MNIST ``split`` (``"train"`` or ``"test"``) of a ``locate``d ``folder``; items are
+    ``(uint8 tensor (1, 28, 28), int label)``."""
 
     classes = CLASSES
 

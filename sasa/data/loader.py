@@ -42,14 +42,8 @@ def _mix(seed: int, epoch: int, index: int) -> int:
 
 
 class TransformedDataset(Dataset):
-    """``base`` (items ``(raw image, label)``) restricted to ``indices`` and passed through ``transform``.
-
-    Args:
-        base: a dataset returning untransformed ``(image, label)`` pairs.
-        transform: callable applied to the image; its randomness is reseeded per sample (see module docstring).
-        indices: the subset of ``base`` to expose (``None`` for all of it).
-        seed: the augmentation seed.
-    """
+    """``base`` (items ``(raw image, label)``) restricted to ``indices`` (``None``: all) with ``transform`` applied
+    to the image, its randomness reseeded per sample from ``seed`` (module docstring)."""
 
     def __init__(self, base: Dataset, transform: Callable | None, *, indices: Sequence[int] | None = None,
                  seed: int = 0) -> None:
@@ -103,13 +97,8 @@ def collate_skip_bad(items: list) -> Batch:
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """``DistributedSampler`` that can begin ``start`` samples into this rank's share of the epoch.
-
-    Args:
-        dataset: the dataset to sample.
-        num_replicas, rank: the world (pass them explicitly; a world of 1 needs no process group).
-        shuffle, seed, drop_last: as ``DistributedSampler``.
-    """
+    """``DistributedSampler`` that can begin ``start`` samples into this rank's share of the epoch;
+    ``num_replicas`` and ``rank`` are explicit, so a world of 1 needs no process group."""
 
     def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = True) -> None:

@@ -10,10 +10,8 @@ import torch
 
 
 def holdout_split(num_samples: int, fraction: float, *, seed: int = 0) -> tuple[list[int], list[int]]:
-    """``(train_indices, holdout_indices)``: a seeded random ``fraction`` of ``range(num_samples)`` held out.
-
-    Both lists are sorted, so file-system locality of ordered datasets is kept.
-    """
+    """``(train_indices, holdout_indices)``: a seeded random ``fraction`` of ``range(num_samples)`` held out; both
+    sorted, so file-system locality of ordered datasets is kept."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction!r}")
     n_hold = round(num_samples * fraction)

@@ -14,16 +14,8 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 class SyntheticImages(Dataset):
-    """``num_samples`` images of ``channels x image_size x image_size`` in ``num_classes`` classes.
-
-    Args:
-        num_samples: dataset length.
-        num_classes: number of classes (labels cycle through them).
-        image_size: side length.
-        channels: image channels.
-        seed: fixes the templates and the noise; different splits should use different seeds.
-        noise: noise amplitude relative to the template contrast (higher is harder).
-    """
+    """``num_samples`` images of ``channels x image_size x image_size`` in ``num_classes`` classes; ``seed`` fixes
+    the noise (use one per split), ``noise`` is its amplitude relative to the template contrast (higher is harder)."""
 
     def __init__(self, num_samples: int = 2048, *, num_classes: int = 10, image_size: int = 32, channels: int = 3,
                  seed: int = 0, noise: float = 0.6) -> None:

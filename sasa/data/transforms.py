@@ -5,7 +5,7 @@ Augmentation policies (``augment``):
   CIFAR, synthetic);
 - ``"inception"``: Inception-style ``RandomResizedCrop`` + horizontal flip (the paper's ImageNet recipe; SPEC
   section 5); evaluation resizes to ``image_size / 0.875`` and centre-crops;
-- ``"flip"``: horizontal flip only (the lightest augmentation; the Fashion-MNIST demo's, whose budget is 2 epochs);
+- ``"flip"``: horizontal flip only (the Fashion-MNIST default);
 - ``"none"``: the evaluation transform for training too.
 
 Small-image datasets are zero-padded symmetrically to ``image_size`` (28 -> 32 for Fashion-MNIST, so every

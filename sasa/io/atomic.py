@@ -49,13 +49,8 @@ def _replacing(path: Path, *, create: bool = True):
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
                  validate: Callable[[str], None] | None = None) -> None:
-    """Write ``path`` through ``write(tmp_path)``, then move the temporary file over ``path`` atomically.
-
-    Args:
-        path: the target file; its folder is created if needed.
-        write: writes the complete new content to the path it is given.
-        validate: optional check of the written temporary file; raising keeps the previous ``path``.
-    """
+    """Write ``path`` (its folder created if needed) through ``write(tmp_path)``, which writes the complete new
+    content, then move it over ``path`` atomically; ``validate(tmp_path)`` raising keeps the previous ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _replacing(path) as tmp:
@@ -73,10 +68,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> bool:
-    """Make ``previous`` a copy of the current ``path`` (a hard link where the filesystem allows), atomically.
-
-    Returns ``False`` when ``path`` does not exist yet.
-    """
+    """Make ``previous`` a copy of the current ``path`` (a hard link where the filesystem allows), atomically;
+    ``False`` when ``path`` does not exist yet."""
     path, previous = Path(path), Path(previous)
     if not path.is_file():
         return False

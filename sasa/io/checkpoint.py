@@ -64,14 +64,8 @@ def _reason(err: BaseException) -> str:
 
 def check_compatible(meta: dict, *, model: str | None = None, num_classes: int | None = None,
                      source: str = "checkpoint") -> None:
-    """Raise ``CheckpointError`` naming the mismatch when ``meta`` was written for another model or class count.
-
-    Args:
-        meta: the checkpoint's ``meta`` dict (``model``, ``num_classes``, ...).
-        model: the expected model name, ``None`` to skip the check.
-        num_classes: the expected classifier size, ``None`` to skip the check.
-        source: how to name the file in messages.
-    """
+    """Raise ``CheckpointError`` naming the mismatch when ``meta`` was written for another ``model`` or
+    ``num_classes`` (``None``: not checked); ``source`` names the file in messages."""
     if model is not None and meta.get("model") not in (None, model):
         raise CheckpointError(f"{source} was written for model {meta['model']!r}, but model={model!r} was requested")
     if num_classes is not None and meta.get("num_classes") not in (None, num_classes):
@@ -130,11 +124,9 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(state_dict, meta)`` of model weights in any form the project writes or meets.
-
-    Accepts a safetensors file (``save_safetensors``), a checkpoint dict with a ``'model'`` (or ``'state_dict'``)
-    state dict and an optional ``'meta'`` dict (``save_checkpoint``), or a bare state dict. ``module.`` (DDP) and
-    ``_orig_mod.`` (``torch.compile``) key prefixes are stripped.
+    """``(state_dict, meta)`` of a safetensors file (``save_safetensors``), a checkpoint dict with a ``'model'`` (or
+    ``'state_dict'``) state dict and an optional ``'meta'`` dict (``save_checkpoint``), or a bare state dict.
+    ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) key prefixes are stripped.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.

@@ -65,7 +65,7 @@ def _why_not(conv: nn.Conv2d, heads: int, positional: str) -> str | None:
 def convert_to_attention(model: nn.Module, kernel_size: int = 7, heads: int = 8, *, min_channels: int = 16,
                          stages: None | str | int | Iterable[str | int] | StageFilter = None, strict: bool = True,
                          **attention) -> int:
-    """Replace the spatial convolutions of ``model`` with ``SelfAttention2d`` layers, in place.
+    """Replace the spatial convolutions of ``model`` with ``SelfAttention2d`` layers, in place; returns how many.
 
     Args:
         model: any module, e.g. ``torchvision.models.resnet50()`` or ``timm.create_model("resnet26")``.
@@ -79,9 +79,6 @@ def convert_to_attention(model: nn.Module, kernel_size: int = 7, heads: int = 8,
             become attention (see the module docstring).
         **attention: further ``SelfAttention2d`` options: ``padding``, ``positional``, ``query_key``,
             ``rel_per_head``, ``scale``, ``backend``.
-
-    Returns:
-        The number of convolutions replaced.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -1,12 +1,9 @@
 """``attention_maps``: the softmax weights of a model's ``SelfAttention2d`` layers for a batch of images.
 
-Forward pre-hooks capture the input of each selected layer and call ``SelfAttention2d.attention_weights`` on it,
-which computes the weights with the ``reference`` backend (the oracle; the fast backends never materialise their
-probabilities), whatever backend the layer runs its own forward with. The forward stops as soon as every selected
-layer has been seen. Works for any module that holds ``SelfAttention2d`` layers: the sasa models, models made by
-``sasa.convert_to_attention``, sasa models built through timm.
-
-The attention stem (``AttentionStem``) is not covered: its block attention has no k x k window."""
+Forward pre-hooks pass each selected layer's input to ``SelfAttention2d.attention_weights`` (the ``reference``
+backend: the fast ones never materialise probabilities); the forward stops once every selected layer was seen.
+Works for any module holding ``SelfAttention2d`` layers (sasa models, ``sasa.convert_to_attention``'s, timm's).
+The attention stem is not covered: its block attention has no k x k window."""
 
 from __future__ import annotations
 
@@ -59,7 +56,6 @@ def attention_maps(model: nn.Module, images: torch.Tensor,
     """Attention weights of ``SelfAttention2d`` layers for a batch, in eval mode (the train flag is restored).
 
     Args:
-        model: any module that holds ``SelfAttention2d`` layers.
         images: the model's input, ``(B, C, H, W)``, normalised as the model expects.
         layers: ``None`` for every attention layer; a module name (``"layer3.0.conv2"``), an index into
             ``attention_layers(model)`` (negative counts from the end), or a list of them.

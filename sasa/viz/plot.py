@@ -1,11 +1,10 @@
 """Draw the k x k attention windows of one SASA layer over the input image (matplotlib, no pyplot state).
 
 One row per query pixel: the input with the query marked and its window outlined, then one panel per head and one
-for the mean over heads. Each panel overlays the window's weights at their true position on the image: feature-map
-cell (i, j) of an ``h x w`` map covers image pixels ``[i * H / h, (i + 1) * H / h) x [j * W / w, (j + 1) * W / w)``,
-so every weight is drawn as the block of image pixels it stands for. All panels share one colour scale and one colour
-bar. Window cells outside the map are cut off at the image border; the weight they hold (``padding="zeros"`` keeps
-them in the softmax) is printed in the panel title as "off-map"."""
+for their mean, each weight drawn over the block of image pixels its feature-map cell covers (cell (i, j) of an
+``h x w`` map: ``[i * H / h, (i + 1) * H / h) x [j * W / w, (j + 1) * W / w)``). One colour scale for all panels.
+The weight on window cells outside the map (``padding="zeros"`` keeps them in the softmax) is printed in the panel
+title as "off-map"."""
 
 from __future__ import annotations
 
@@ -32,8 +31,6 @@ def plot_attention(image: np.ndarray, weights: torch.Tensor, pixels: Sequence[tu
         weights: one image's weights from ``sasa.attention_maps``: ``(h, w, heads, k, k)`` at the layer's input
             resolution.
         pixels: query pixels ``(y, x)`` in image coordinates.
-        title: figure title.
-        cmap: colour map of the weights.
         alpha: opacity of the weights over the image.
     """
     from matplotlib.colors import Normalize

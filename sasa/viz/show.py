@@ -1,28 +1,22 @@
 """``sasa show-attention``: load a model, its weights and an image, and draw what one attention layer attends to.
 
-- Model: a registered name plus overrides. The weights' own metadata (the engine's ``meta`` dict) and, when the
-  weights sit in a run directory, a ``config.yaml`` beside them (or one level up) supply what the command line
-  leaves out: the model name, its overrides, the image size and the normalisation. Both are read leniently:
-  ``model`` as a name or a ``{name: ..., **overrides}`` mapping, ``model_args`` / ``model_kwargs`` / ``overrides``,
-  ``image_size``, ``mean``, ``std`` at the top level or under ``data``. Command line > metadata > config.yaml.
-  ``num_classes`` and ``in_chans`` are read from the weights themselves (``fc.weight``, ``conv1.weight``) when no
-  source gives them.
-- Weights: a safetensors file, or a torch checkpoint holding a state dict or a dict with a ``model`` (or
-  ``state_dict``) entry, read with ``sasa.io.checkpoint.read_weights`` (``weights_only=True``; ``module.`` /
-  ``_orig_mod.`` prefixes of DDP and ``torch.compile`` stripped). Without weights the model is randomly
-  initialised, with a one-line notice on stderr.
-- Image: any PIL-readable file, converted to the model's input channels (grayscale or RGB), resized to a square of
-  ``image_size`` (default: the run config's, else the registry's input size), normalised with the config's mean/std,
-  else ImageNet's for 3 channels and Fashion-MNIST's (0.2860 / 0.3530) for 1.
-- Layer: a module name or an index into the model's attention layers. Default: the deepest attention layer whose
-  input map is at least ``2k - 1`` cells on its shorter side, so the window around a central query has a window's
-  margin inside the map; the first attention layer when none is that large. Stride-2 layers attend at their input
-  resolution (the pool comes after), so a stage's first block shows the larger map.
-- Pixels: ``(y, x)`` in the resized image's coordinates, mapped to the layer's map; default the image centre.
+- Model: a registered name plus overrides; what the command line leaves out (name, overrides, image size,
+  normalisation) comes from the weights' metadata, then from a run's ``config.yaml`` beside them or one level up
+  (``model`` as a name or a ``{name: ..., **overrides}`` mapping, ``model_args`` / ``model_kwargs`` /
+  ``overrides``, ``image_size``, ``mean``, ``std`` at the top level or under ``data``). ``num_classes`` and
+  ``in_chans`` otherwise come from the weights' ``fc.weight`` and ``conv1.weight``.
+- Weights: anything ``sasa.io.checkpoint.read_weights`` reads; without weights the model is randomly initialised
+  (a notice on stderr).
+- Image: any PIL-readable file, as grayscale or RGB, resized to a square of ``image_size`` (default: the run
+  config's, else the registry's), normalised with the config's mean/std, else ImageNet's (3 channels) or
+  Fashion-MNIST's (1).
+- Layer: a module name or an index into the attention layers. Default: the deepest whose input map is at least
+  ``2k - 1`` cells on its shorter side (a central query's window then lies inside the map), else the first.
+  Stride-2 layers attend at their input resolution (the pool comes after).
+- Pixels: ``(y, x)`` in the resized image, mapped to the layer's map; default the image centre.
 
-Nothing compiles: the layer sizes come from a forward on the meta device (shapes only), and the forward that
-draws the maps runs the eager ``shifted`` backend (one image is no reason to wait for the ``inductor`` backend's
-compile; the maps themselves come from the reference backend either way).
+Nothing compiles: layer sizes come from a meta-device forward, and the drawing forward runs the eager ``shifted``
+backend (the maps come from the reference backend either way).
 """
 
 from __future__ import annotations
@@ -111,8 +105,8 @@ def load_image(path: str | Path, in_chans: int, size: int, mean, std) -> tuple[n
 
 
 def layer_input_sizes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """Input (pre-pool) map size ``(H, W)`` of every attention layer for an input shaped like ``x`` (one forward
-    pass for its shapes, ``sasa.flops.shape_forward``: on the meta device, no arithmetic)."""
+    """Input (pre-pool) map size ``(H, W)`` of every attention layer for an input shaped like ``x``
+    (``sasa.flops.shape_forward``)."""
     sizes: dict[str, tuple[int, int]] = {}
 
     def record(name: str):
@@ -141,10 +135,8 @@ def show_attention(model_name: str | None, image: str | Path, out: str | Path, *
                    pixels: list[tuple[int, int]] | None = None, image_size: int | None = None,
                    list_layers: bool = False, seed: int = 0) -> str:
     """Write the attention picture to ``out`` (PNG) and return a one-paragraph summary (see the module docstring).
-
-    With ``list_layers`` nothing is drawn: the summary lists the attention layers and their input map sizes.
-    ``seed`` seeds the random initialisation, so pictures of untrained models are reproducible.
-    """
+    With ``list_layers``, draw nothing and list the attention layers and their input map sizes; ``seed`` seeds the
+    random initialisation."""
     state, meta = read_weights(weights) if weights is not None else (None, {})
     run = _from_config(find_run_config(weights)) if weights is not None else _from_config({})
     saved = _from_config(meta)  # the weights' own metadata wins over the run's config.yaml
