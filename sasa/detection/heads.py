@@ -1,4 +1,4 @@
-"""Attention FPN and attention class/box heads for torchvision's RetinaNet (SPEC section 4, the paper's table 5).
+"""Attention FPN and attention class/box heads for torchvision's RetinaNet (SPEC section 4, the paper's Table 2).
 
 Every 3x3 convolution of width 256 in the FPN and the class and box subnets becomes a ``SelfAttention2d`` (k=7, 8
 heads); strided ones (P6, P7) become attention + 2x2 average pool. torchvision's classes keep their forward, losses,

@@ -1,4 +1,4 @@
-"""RetinaNet builders for SPEC section 4 (the paper's table 5): ``sasa.models`` backbones x conv or attention heads.
+"""RetinaNet builders for SPEC section 4 (the paper's Table 2): ``sasa.models`` backbones x conv or attention heads.
 
 Everything is torchvision's: a registered ``sasa.models`` ResNet (imported, never copied) in the public
 ``BackboneWithFPN`` (C3-C5 -> P3-P5, ``LastLevelP6P7`` from P5 as ``retinanet_resnet50_fpn`` v1), ``RetinaNet`` for
@@ -24,6 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..flops import count_flops, count_params
+from ..info import diff
 from ..io.checkpoint import CheckpointError, load_state_dict_checked, read_weights
 from ..models import create_model, list_models
 from .config import DETECTORS
@@ -169,19 +170,22 @@ def detector_flops(model: RetinaNet, image_size: int | tuple[int, int] = 640) ->
 
 
 def detector_table(*, image_size: int = 640, num_classes: int = 80, flops: bool = True) -> str:
-    """SPEC section 4's five rows: our params (M) and GFLOPs beside the paper's params, GFLOPs and mAP."""
-    header = (f"{'FPN + heads':<11} {'backbone':<22} {'params (M)':>10} {'GFLOPs':>7} {'paper params':>12} "
-              f"{'paper GFLOPs':>12} {'paper mAP':>9}")
+    """SPEC section 4's five rows: our params (M) and GFLOPs, each beside the paper's printed figure and the
+    difference (ours - paper), and the paper's mAP."""
+    header = (f"{'FPN + heads':<11} {'backbone':<22} {'params (M)':>10} {'paper':>6} {'diff':>6} {'GFLOPs':>7} "
+              f"{'paper':>6} {'diff':>6} {'paper mAP':>9}")
     lines = [header, "-" * len(header)]
     for cfg in DETECTORS.values():
         model = create_detector(cfg["backbone"], cfg["heads"], num_classes)
         params = count_params(model) / 1e6
-        gflops = f"{detector_flops(model, image_size) / 1e9:>7.1f}" if flops else f"{'-':>7}"
         p_gflops, p_params, p_map = cfg["paper"][:3]
+        gflops = detector_flops(model, image_size) / 1e9 if flops else None
+        flop_cols = f"{gflops:>7.1f} {p_gflops:>6} {diff(gflops, p_gflops, 1):>6}" if flops else \
+            f"{'-':>7} {p_gflops:>6} {'-':>6}"
         lines.append(f"{cfg['heads']:<11} {BACKBONE_LABELS.get(cfg['backbone'], cfg['backbone']):<22} "
-                     f"{params:>10.2f} {gflops} {p_params:>12} {p_gflops:>12} {p_map:>9}")
+                     f"{params:>10.2f} {p_params:>6} {diff(params, p_params, 2):>6} {flop_cols} {p_map:>9}")
     lines.append(f"ours: {num_classes} classes, BN weights counted, GFLOPs at {image_size}x{image_size} (backbone + "
                  "FPN + heads, a multiply-add = 2)")
-    lines.append("paper: Ramachandran et al. 2019 table 5, COCO val (SPEC section 4); "
-                 "its FLOP image size is not stated")
+    lines.append("paper: Ramachandran et al. 2019, Table 2, as printed (COCO val; SPEC section 4); "
+                 "diff = ours - paper; its FLOP image size is not stated")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Model registry: ``create_model(name, num_classes=1000, **overrides)`` and ``list_models()``.
 
 Every registered name is also the CLI string (``sasa train --model NAME``, ``sasa info NAME``). Each entry carries
-its architecture config and the paper's reference figures (SPEC section 3) as metadata in ``MODEL_INFO``."""
+its architecture config and the paper's figures as printed in its Table 1 (SPEC section 3) as metadata in
+``MODEL_INFO`` (``paper_params_m``, ``paper_gflops``, ``paper_top1``)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ VARIANTS = {
     "_convstem": dict(attention_stages=(1, 2, 3, 4), stem="conv"),
     "_full": dict(attention_stages=(1, 2, 3, 4), stem="attention"),
 }
-# SPEC section 3: paper params (M), GFLOPs, ImageNet top-1; "params_ours" where the paper rounds or truncates.
+# The paper's Table 1 (SPEC section 3) as printed: params (M), GFLOPs, ImageNet top-1 (%). Our own counts are
+# computed from the models (``sasa info --paper`` prints them beside these), never stored here.
 PAPER = {
-    "resnet26": (13.70, 4.7, 74.5), "sasa_resnet26_convstem": (10.33, 4.5, 75.8), "sasa_resnet26": (10.3, 4.7, 74.8),
-    "resnet38": (19.63, 6.5, 76.2), "sasa_resnet38_convstem": (14.17, 5.7, 77.1), "sasa_resnet38": (14.1, 6.0, 76.9),
-    "resnet50": (25.56, 8.2, 76.9), "sasa_resnet50_convstem": (18.02, 7.0, 77.4), "sasa_resnet50": (18.0, 7.2, 77.6),
+    "resnet26": (13.7, 4.7, 74.5), "sasa_resnet26_convstem": (10.3, 4.5, 75.8), "sasa_resnet26": (10.3, 4.7, 74.8),
+    "resnet38": (19.6, 6.5, 76.2), "sasa_resnet38_convstem": (14.1, 5.7, 77.1), "sasa_resnet38": (14.1, 6.0, 76.9),
+    "resnet50": (25.6, 8.2, 76.9), "sasa_resnet50_convstem": (18.0, 7.0, 77.4), "sasa_resnet50": (18.0, 7.2, 77.6),
 }
 _RESNET_ARGS = set(inspect.signature(ResNet.__init__).parameters) - {"self", "layers", "num_classes"}
 
