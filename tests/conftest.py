@@ -6,7 +6,9 @@ decorated at import time. torchvision imports triton, so on a machine without CU
 """
 
 import os
+import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -17,3 +19,20 @@ if not torch.cuda.is_available():
 # tests ``inductor`` wherever a test names it (every op test of tests/test_functional.py, the bench's backend rows)
 # and the default choice itself (test_default_backend_and_env_override, which unsets this).
 os.environ.setdefault("SASA_BACKEND", "shifted")
+
+
+def _inductor_fallbacks() -> int:
+    inductor = sys.modules.get("sasa.backends.inductor")
+    return sum(inductor.calls()["fallback"].values()) if inductor is not None else 0
+
+
+@pytest.fixture(autouse=True)
+def _inductor_never_falls_back():
+    """Any test during which the ``inductor`` backend ran its eager fallback (a failed compile switches the process
+    to ``shifted``'s core with only a warning) fails, so that no test passes on the fallback instead of the compiled
+    loops. The test that breaks the compile on purpose swaps the counters with monkeypatch, undone before this."""
+    before = _inductor_fallbacks()
+    yield
+    if _inductor_fallbacks() > before:
+        inductor = sys.modules["sasa.backends.inductor"]
+        pytest.fail(f"the inductor backend fell back to eager during this test: {inductor.failure()}")

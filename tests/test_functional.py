@@ -9,6 +9,7 @@ import torch
 import sasa
 import sasa.backends
 from sasa import local_attention_2d
+from sasa.backends import inductor
 
 FAST_BACKENDS = [b for b in sasa.available_backends("cpu") if b != "reference"]
 
@@ -34,12 +35,24 @@ def make_inputs(B, H, W, heads, d, K, *, per_head=False, dtype=torch.float32, se
 
 
 def run(backend, q, k, v, rows, cols, K, padding, scale=1.0, grad_seed=1):
-    """Forward + backward with a random upstream gradient; returns (out, grads in input order, None if absent)."""
+    """Forward + backward with a random upstream gradient; returns (out, grads in input order, None if absent).
+    For ``inductor`` it also checks that both ran its compiled loops, not the eager fallback."""
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (q, k, v, rows, cols)]
+    before = inductor.calls()
     out = local_attention_2d(*leaves, kernel_size=K, padding=padding, scale=scale, backend=backend)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
     out.backward(g)
+    if backend == "inductor":
+        assert_compiled(before, "forward", "backward")
     return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def assert_compiled(before, *passes):
+    """Since ``before`` (``inductor.calls()``), each of ``passes`` ran the compiled loops and nothing fell back."""
+    after = inductor.calls()
+    assert after["fallback"] == before["fallback"], f"inductor fell back to eager: {inductor.failure()}"
+    for name in passes:
+        assert after["compiled"][name] > before["compiled"][name], f"the compiled {name} did not run"
 
 
 def assert_match(a, b, atol, rtol):
@@ -120,7 +133,10 @@ def test_gradcheck_float64(backend, padding):
     def fn(*args):
         return local_attention_2d(*args, kernel_size=3, padding=padding, scale=0.7, backend=backend)
 
+    before = inductor.calls()
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+    if backend == "inductor":
+        assert_compiled(before, "forward", "backward")
 
 
 @pytest.mark.parametrize("backend", sasa.available_backends("cpu"))
@@ -183,23 +199,33 @@ def test_default_backend_and_env_override(monkeypatch):
     with pytest.raises(ValueError, match="unknown"):
         local_attention_2d(q, k, v, rows, cols, kernel_size=3)
     monkeypatch.delenv("SASA_BACKEND")
+    before = inductor.calls()
     torch.testing.assert_close(local_attention_2d(q, k, v, rows, cols, kernel_size=3), ref)
+    assert_compiled(before, "forward")  # the default on CPU is the compiled backend, not its fallback
 
 
 def test_inductor_falls_back_to_eager_when_compiling_fails(monkeypatch):
-    """No C++ compiler, an Inductor error: one warning, then the shifted backend's eager core (same results)."""
-    from sasa.backends import inductor
+    """No C++ compiler, an Inductor error: one warning, then the shifted backend's eager core (same results), and
+    ``calls()`` says so (the other inductor tests assert on it)."""
 
     def broken(name):
         raise RuntimeError(f"no compiler for {name}")
 
     monkeypatch.setattr(inductor, "_compiled", broken)
     monkeypatch.setitem(inductor._STATE, "broken", None)
+    monkeypatch.setattr(inductor, "_CALLS", {"compiled": {"forward": 0, "backward": 0},
+                                             "fallback": {"forward": 0, "backward": 0}})
     inputs = make_inputs(2, 5, 4, 2, 4, 3)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
     with pytest.warns(UserWarning, match="torch.compile failed for the inductor backend .*no compiler"):
-        got = run("inductor", *inputs, 3, "mask")
-    assert inductor._STATE["broken"].startswith("RuntimeError")
-    assert_match(got, run("shifted", *inputs, 3, "mask"), atol=0, rtol=0)
+        out = local_attention_2d(*leaves, kernel_size=3, padding="mask", backend="inductor")
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))  # run()'s gradient
+    assert inductor.failure().startswith("RuntimeError")
+    assert inductor.calls() == {"compiled": {"forward": 0, "backward": 0}, "fallback": {"forward": 1, "backward": 1}}
+    with pytest.raises(AssertionError, match="inductor fell back to eager: RuntimeError"):  # what run() checks
+        run("inductor", *inputs, 3, "mask")
+    ref = run("shifted", *inputs, 3, "mask")
+    assert_match((out.detach(), [t.grad for t in leaves]), ref, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -4,6 +4,7 @@ toolchain notices that say nothing to the user are dropped, and compiled kernels
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -86,10 +87,11 @@ def test_inductor_cache_dir_default_and_override(tmp_path, monkeypatch):
 def test_a_later_process_loads_the_compiled_kernels(tmp_path):
     """Two processes with different temporary directories (a run and its resume in two batch jobs): the second finds
     the first one's compiled forward and backward in Inductor's cache instead of compiling them again."""
-    code = ("from sasa.cli import main; from torch._dynamo.utils import counters; "
+    code = ("from sasa.cli import main; from sasa.backends import inductor; from torch._dynamo.utils import counters; "
             "assert main(['bench', '--small', '--device', 'cpu', '--mode', 'op', '--backends', 'inductor', "
             "'--shapes', '8x8x16']) == 0; "
-            "print('fxgraph', counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss'])")
+            "print('fxgraph', counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss']); "
+            "print('calls', inductor.calls())")
     hits = []
     for job in ("first", "second"):
         tmp = tmp_path / f"tmp-{job}"
@@ -98,7 +100,10 @@ def test_a_later_process_loads_the_compiled_kernels(tmp_path):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                               timeout=600, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        hits.append([int(n) for n in proc.stdout.rsplit("fxgraph", 1)[1].split()])
+        calls = ast.literal_eval(proc.stdout.rsplit("calls", 1)[1].strip())
+        assert calls["fallback"] == {"forward": 0, "backward": 0}, proc.stderr[-3000:]  # the compiled loops ran
+        assert calls["compiled"]["forward"] > 0 and calls["compiled"]["backward"] > 0
+        hits.append([int(n) for n in proc.stdout.rsplit("fxgraph", 1)[1].split("calls")[0].split()])
     (_, compiled), (hit_later, compiled_later) = hits
     assert compiled >= 2  # a fresh cache: forward and backward (and any specialisation) compiled
     assert hit_later >= 2 and compiled_later == 0  # every graph found again

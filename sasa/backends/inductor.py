@@ -17,7 +17,8 @@ shape, a SASA-ResNet-26 training step 8-9% (BENCHMARKS.md). One compiled graph p
 size (batch and heads merged, missing keys and tables as zeros, the padding mode as the bias, dynamic shapes without
 "duck sizing"). The first call in a process compiles (~10 s on 2 cores; the result is cached on disk, in
 ``~/.cache/sasa/inductor`` under the command line) and says so on stderr; without a working compiler it warns once
-and runs ``shifted``'s eager core: the same results. Shape-only passes (FLOP counts, ``sasa show-attention``) pin
+and runs ``shifted``'s eager core: the same results. ``calls()`` counts which of the two ran (tests assert on it, so
+that a fallback cannot pass for the compiled path). Shape-only passes (FLOP counts, ``sasa show-attention``) pin
 ``shifted`` with ``sasa.backends.force``.
 
 CPU only (on CUDA the ``triton`` backend is the fused kernel); fp16 / bf16 are computed in fp32 as in ``shifted``.
@@ -96,11 +97,29 @@ def _compiled(name: str):
 
 
 _STATE = {"announced": False, "broken": None}
+_CALLS = {"compiled": {"forward": 0, "backward": 0}, "fallback": {"forward": 0, "backward": 0}}
+
+
+def calls() -> dict[str, dict[str, int]]:
+    """How many forward / backward calls of this backend ran the compiled loops (``"compiled"``) and how many ran
+    ``shifted``'s eager core after a failed compile (``"fallback"``), in this process so far (a copy)."""
+    return {kind: dict(counts) for kind, counts in _CALLS.items()}
+
+
+def failure() -> str | None:
+    """Why compiling failed in this process (every later call then falls back), or None."""
+    return _STATE["broken"]
 
 
 def _run(name: str, args: tuple):
     """The compiled ``name`` on ``args``, or None once compiling has failed in this process (callers then run
     ``shifted``'s eager core: the same maths)."""
+    result = _try_compiled(name, args)
+    _CALLS["fallback" if result is None else "compiled"][name] += 1
+    return result
+
+
+def _try_compiled(name: str, args: tuple):
     if _STATE["broken"] is not None:
         return None
     if not _STATE["announced"]:
