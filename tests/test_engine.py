@@ -76,7 +76,7 @@ def test_sigkill_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
     """)
     for delay in (0.6, 0.75, 0.9):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "1" or True  # at least one save finished
+        assert proc.stdout.readline().strip() == "1"  # at least one save finished before the kill
         time.sleep(delay)
         proc.kill()
         proc.wait()
