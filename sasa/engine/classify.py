@@ -28,11 +28,8 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, .
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: torch.device, amp_dtype: torch.dtype | None = None,
              channels_last: bool = False, desc: str = "eval", show_progress: bool = False) -> dict:
-    """Cross-entropy loss, top-1 and top-5 (percent) of ``model`` on ``loader``, summed over all ranks.
-
-    Returns:
-        ``{"loss", "top1", "top5", "count", "bad", "bad_examples"}``; unreadable samples are skipped and counted.
-    """
+    """``{"loss", "top1", "top5", "count", "bad", "bad_examples"}`` of ``model`` on ``loader`` over all ranks
+    (top-k in percent; unreadable samples are skipped and counted)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss_sum, top1, top5, count, bad

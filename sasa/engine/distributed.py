@@ -39,12 +39,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
-    """Start the process group when launched by ``torchrun`` and pick this process's device.
-
-    Args:
-        device: ``"cpu"``, ``"cuda"`` (``cuda:LOCAL_RANK`` under torchrun) or ``None`` for CUDA when available.
-        timeout_s: collective timeout.
-    """
+    """Start the process group when launched by ``torchrun`` and pick this process's device: ``"cpu"``,
+    ``"cuda"`` (``cuda:LOCAL_RANK`` under torchrun) or ``None`` for CUDA when available."""
     if device not in (None, "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device must be 'cpu', 'cuda' or None, got {device!r}")
     if device is None:

@@ -1,9 +1,7 @@
-"""Exponential moving average of the weights (the paper's EMA, decay 0.9999), on ``torch.optim.swa_utils``.
-
-``build_ema`` wraps ``AveragedModel`` with the EMA update and ``use_buffers=True`` so BatchNorm statistics are
-averaged too and the EMA model can be evaluated as it is. The first update copies the weights; each later one is
-``ema = decay * ema + (1 - decay) * weights``. Its ``state_dict`` is plain tensors (``module.*`` and
-``n_averaged``), fit for ``weights_only`` checkpoints."""
+"""Exponential moving average of the weights (the paper's EMA, decay 0.9999): ``AveragedModel`` with
+``use_buffers=True``, so BatchNorm statistics are averaged too and the EMA model can be evaluated as it is. The first
+update copies the weights, each later one is ``ema = decay * ema + (1 - decay) * weights``; the ``state_dict`` is
+plain tensors (``module.*``, ``n_averaged``)."""
 
 from __future__ import annotations
 

@@ -36,9 +36,8 @@ def describe_device(device: torch.device) -> str:
 
 
 def attention_backend(device: torch.device) -> str:
-    """The local-attention backend that layers without an explicit ``backend=`` run on ``device``: ``"inductor
-    (auto)"``, ``"shifted (SASA_BACKEND)"``, ... (results differ between backends in the last bits, so a run says
-    which one it had)."""
+    """The backend layers without ``backend=`` run on ``device``, e.g. ``"inductor (auto)"`` or ``"shifted
+    (SASA_BACKEND)"`` (backends differ in the last bits, so a run records which one it had)."""
     from ..functional import available_backends
     from ..settings import backend
 

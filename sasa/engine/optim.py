@@ -59,11 +59,8 @@ def warmup_cosine(step: int, *, total_steps: int, warmup_steps: int, min_ratio: 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
                     min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` following ``warmup_cosine``; call ``.step()`` after every optimizer step.
-
-    Its ``state_dict`` holds only numbers (the multiplier is a closure, not saved), so it loads with
-    ``weights_only=True``.
-    """
+    """A ``LambdaLR`` following ``warmup_cosine``, stepped after every optimizer step; its ``state_dict`` holds only
+    numbers (the multiplier is a closure, not saved)."""
     if total_steps < 1 or warmup_steps < 0:
         raise ValueError(f"total_steps must be >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
 

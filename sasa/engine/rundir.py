@@ -160,9 +160,8 @@ class RunDirectory:
                                     f"it with --resume {self.path} or choose another --output")
         self.logger = MetricsLogger(self.path, enabled=dist.is_main)
         self.trainer = None
-        # last.pt is linked to last.prev.pt before each new one replaces it, so a checkpoint that turns out
-        # unreadable (a disk error, a file copied half-way) still has a predecessor; not while last.pt is the
-        # unreadable one.
+        # last.pt is linked to last.prev.pt before each new one replaces it, so an unreadable checkpoint still has
+        # a predecessor; not while last.pt is the unreadable one.
         self._last_is_good = self.checkpoint is None or self.checkpoint.name == LAST
 
     def save(self, kind: str) -> None:
