@@ -4,6 +4,7 @@ groups and schedule, EMA, metrics, signals, the non-finite-loss stop. Fast: no t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from sasa.io.checkpoint import (
     save_checkpoint,
     save_safetensors,
 )
+from sasa.models.args import parse_model_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,6 +147,13 @@ def test_default_yaml_is_the_embedded_default():
     assert C.to_dict(cfg) == C.to_dict(C.TrainConfig())
 
 
+def test_default_yaml_quotes_no_wall_time():
+    """Wall times depend on the machine and drift; they live in TRAINING.md beside their record, not in comments."""
+    text = (ROOT / "configs" / "default.yaml").read_text()
+    amount = r"\b(?:\d+(?:\.\d+)?|one|two|three|four|five|ten)\s*"
+    assert not re.findall(amount + r"(?:minutes?|min|hours?)\b", text, re.I)
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("imagenet_*.yaml")), ids=lambda p: p.stem)
 def test_imagenet_configs_follow_the_paper(path):
     cfg = C.resolve(path)
@@ -153,6 +162,51 @@ def test_imagenet_configs_follow_the_paper(path):
     assert cfg.dataset == "imagefolder" and path.stem == f"imagenet_{cfg.model}"
     with pytest.raises(C.ConfigError, match="data_dir"):
         precheck(cfg)  # no --data-dir: fails before any work
+    # the paper's BatchNorm decay 0.9999, as PyTorch's momentum, in the model sasa train builds from the config
+    model = sasa.create_model(cfg.model, num_classes=10, **cfg.model_args)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) > 20 and all(m.momentum == 1e-4 for m in norms)
+
+
+def test_bn_momentum_model_arg():
+    model = sasa.create_model("test_sasa_resnet", bn_momentum=0.01)
+    assert {m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+    assert {m.momentum for m in sasa.create_model("test_sasa_resnet").modules()
+            if isinstance(m, nn.BatchNorm2d)} == {0.1}  # PyTorch's default stays the default
+    with pytest.raises(ValueError, match="bn_momentum must be in"):
+        sasa.create_model("test_resnet", bn_momentum=1.5)
+    seen = []
+    model.bn1.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    model.train()(torch.randn(2, 3, 32, 32))
+    # one training step moves the running mean from 0 by momentum x the batch mean
+    torch.testing.assert_close(model.bn1.running_mean, 0.01 * seen[0].mean((0, 2, 3)))
+
+
+def test_stem_relu_follows_the_paper_and_is_an_option():
+    """SPEC section 2: the attention stem is attention, BN, max pool (no ReLU); conv stems keep ResNet's ReLU;
+    ``stem_relu`` sets it either way, from a config or the command line, and weights load across the two."""
+    torch.manual_seed(0)
+    paper = sasa.create_model("test_sasa_resnet", num_classes=3)
+    with_relu = sasa.create_model("test_sasa_resnet", num_classes=3, stem_relu=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert isinstance(paper.relu, nn.Identity) and isinstance(with_relu.relu, nn.ReLU)
+
+    def pool_input(model):
+        seen = []
+        handle = model.maxpool.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+        with torch.no_grad():
+            model.eval()(x)
+        handle.remove()
+        return seen[0]
+
+    assert pool_input(paper).min() < 0  # BN straight into the pool: negative activations pass
+    with_relu.load_state_dict(paper.state_dict())  # no parameters differ
+    assert pool_input(with_relu).min() >= 0
+    assert isinstance(sasa.create_model("test_resnet").relu, nn.ReLU)  # the conv stem keeps ResNet's
+    assert isinstance(sasa.create_model("test_resnet", stem_relu=False).relu, nn.Identity)
+    cfg = C.resolve(None, {"model": "test_sasa_resnet", "model_args": parse_model_args(["stem_relu=True"])})
+    assert cfg.model_args == {"stem_relu": True}
+    assert isinstance(sasa.create_model(cfg.model, num_classes=3, **cfg.model_args).relu, nn.ReLU)
 
 
 def test_precheck_names_bad_model_args():

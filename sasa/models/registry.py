@@ -31,6 +31,7 @@ PAPER = {
     "resnet50": (25.6, 8.2, 76.9), "sasa_resnet50_convstem": (18.0, 7.0, 77.4), "sasa_resnet50": (18.0, 7.2, 77.6),
 }
 _RESNET_ARGS = set(inspect.signature(ResNet.__init__).parameters) - {"self", "layers", "num_classes"}
+_BUILDER_ARGS = {"bn_momentum"}  # applied by the builders after ``ResNet(...)``
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], **info) -> None:
@@ -55,20 +56,35 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> nn.Module:
         num_classes: classifier outputs.
         **overrides: any ``sasa.models.ResNet`` argument, e.g. ``kernel_size=7``, ``attention_stages=(3, 4)``,
             ``positional="absolute"``, ``query_key=False``, ``stem="attention"``, ``stem_values="plain"``,
-            ``width_multiplier=0.5``, ``heads=8``, ``in_chans=1``; memory: ``recompute_qkv=True``,
-            ``checkpoint_stem=True``.
+            ``width_multiplier=0.5``, ``heads=8``, ``in_chans=1``, ``stem_relu=True``; memory:
+            ``recompute_qkv=True``, ``checkpoint_stem=True``; and ``bn_momentum``: the momentum of every BatchNorm
+            layer in PyTorch's convention (1 - decay: the paper's decay 0.9999 is ``bn_momentum=1e-4``; None keeps
+            PyTorch's 0.1).
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
-    unknown = sorted(set(overrides) - _RESNET_ARGS)
+    valid = _RESNET_ARGS | _BUILDER_ARGS
+    unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise TypeError(f"unknown override(s) {unknown} for model {name!r}; valid: {sorted(_RESNET_ARGS)}")
+        raise TypeError(f"unknown override(s) {unknown} for model {name!r}; valid: {sorted(valid)}")
     return _MODELS[name](num_classes=num_classes, **overrides)
 
 
+def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:
+    """Set the running-statistics momentum of every BatchNorm layer of ``model`` (PyTorch's convention: the new batch's
+    weight, 1 - decay), in place; frozen or other norms are left alone."""
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"bn_momentum must be in (0, 1] (PyTorch's convention, 1 - decay), got {momentum!r}")
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+    return model
+
+
 def _resnet_builder(layers, defaults: dict) -> Callable[..., nn.Module]:
-    def build(num_classes: int = 1000, **overrides) -> nn.Module:
-        return ResNet(layers, num_classes=num_classes, **{**defaults, **overrides})
+    def build(num_classes: int = 1000, bn_momentum: float | None = None, **overrides) -> nn.Module:
+        model = ResNet(layers, num_classes=num_classes, **{**defaults, **overrides})
+        return set_bn_momentum(model, bn_momentum) if bn_momentum is not None else model
 
     return build
 
