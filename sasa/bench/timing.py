@@ -1,17 +1,13 @@
 """Timing, peak memory and the environment record every benchmark row carries.
 
 - Time: CUDA events around each repeat on GPU (after a synchronize), ``time.perf_counter`` on CPU; warm-up calls
-  first; the statistics are the median, min, max and interquartile range of the repeats, in milliseconds. On CPU
-  the process's CPU time per call (all threads) is recorded too (``cpu_median``, ``cpu_min``) with the load average:
-  on a shared machine wall time counts other jobs, CPU time much less.
+  first; the median, min, max and interquartile range of the repeats, in milliseconds. On CPU the process's CPU
+  time per call (all threads, ``cpu_median``, ``cpu_min``) and the load average too: on a shared machine wall time
+  counts other jobs, CPU time much less.
 - Peak memory (``peak_mb``): the highest tensor memory allocated *during* one call above what was allocated
   before it (parameters, optimizer state and inputs are not counted). On GPU from ``torch.cuda.max_memory_allocated``;
-  on CPU from the allocation events ``torch.profiler`` records (``profile_memory=True``), summed in time order.
-  Both count tensors only, not allocator caches or the process's other memory.
-- The profiler's native chatter (``PROFILER_NOISE``: Kineto's ``USDT ... profiler_start`` / ``profiler_stop``
-  trace lines at every start and stop, its failed GPU probe on a machine without one, c10's note that memory
-  allocated before profiling has no free event) is kept out of the tables: stderr's file descriptor goes to a
-  temporary file while the profiler runs, and every other line is written back.
+  on CPU from ``torch.profiler``'s allocation events, summed in time order. Tensors only, not allocator caches.
+- The profiler's native stderr chatter (``PROFILER_NOISE``) is filtered out while it runs (``quiet_profiler``).
 """
 
 from __future__ import annotations
@@ -91,7 +87,6 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
             times.append((time.perf_counter() - t0) * 1e3)
             cpu.append((time.process_time() - c0) * 1e3)
         stats = summarize(times)
-        # CPU time of the process (all threads): on a machine shared with other jobs, less inflated than wall time
         stats["cpu_median"], stats["cpu_min"] = statistics.median(cpu), min(cpu)
         return stats
     return summarize(times)
@@ -149,8 +144,7 @@ def git_commit() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], check=False, cwd=root, capture_output=True,
-                                text=True,
-                                timeout=10).stdout.strip()
+                                text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip() != ""
     except (OSError, subprocess.SubprocessError):

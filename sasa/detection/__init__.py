@@ -1,9 +1,7 @@
 """Detection: RetinaNet with SASA backbones and attention FPN/heads, COCO data, training and evaluation.
 
 Paper: Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019, section 4.2 (SPEC
-section 4). ``create_detector`` returns a torchvision ``RetinaNet``; the backbone comes from ``sasa.models``.
-
-The paper's COCO numbers are not reproduced here (150 epochs at batch 64 need a GPU cluster)."""
+section 4). ``create_detector`` returns a torchvision ``RetinaNet``; the backbone comes from ``sasa.models``."""
 
 import importlib
 

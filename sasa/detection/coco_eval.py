@@ -25,13 +25,8 @@ LABELS = {"map": "mAP", "map50": "AP50", "map75": "AP75", "map_small": "APs", "m
 
 
 def to_coco_records(detections: Sequence[dict], image_ids: Sequence[int], cat_ids: Sequence[int]) -> list[dict]:
-    """COCO result records from RetinaNet outputs.
-
-    Args:
-        detections: one dict per image with ``boxes`` (N, 4) xyxy, ``scores`` (N,), ``labels`` (N,) contiguous.
-        image_ids: the COCO image id of each output.
-        cat_ids: ``cat_ids[label]`` is the dataset's category id.
-    """
+    """COCO result records from RetinaNet outputs: one dict per image with ``boxes`` (N, 4) xyxy, ``scores``
+    (N,), ``labels`` (N,) contiguous (``cat_ids[label]`` is the dataset's category id), and its COCO image id."""
     if len(detections) != len(image_ids):
         raise ValueError(f"got {len(detections)} detections for {len(image_ids)} image ids")
     records = []
@@ -57,14 +52,8 @@ def gather_records(records: list, image_ids: list[int]) -> tuple[list, list[int]
 
 def coco_evaluate(coco_gt, records: list[dict], image_ids: Sequence[int] | None = None, *,
                   verbose: bool = False) -> dict[str, float]:
-    """Run ``COCOeval`` (bbox) and return ``METRICS`` in percent.
-
-    Args:
-        coco_gt: the ground truth ``pycocotools.coco.COCO``.
-        records: COCO result records (``to_coco_records``).
-        image_ids: the images that were evaluated (all of ``coco_gt``'s when ``None``).
-        verbose: print COCOeval's own summary.
-    """
+    """``METRICS`` in percent of ``COCOeval`` (bbox) on ``records`` (``to_coco_records``) against ``coco_gt``, over
+    ``image_ids`` (``None``: all of ``coco_gt``'s); ``verbose`` prints COCOeval's own summary."""
     from pycocotools.cocoeval import COCOeval
 
     if not records:  # loadRes cannot take an empty list; no detection means AP 0 everywhere

@@ -82,15 +82,10 @@ def _xyxy(bbox) -> tuple[float, float, float, float] | None:
 
 
 class CocoDetection(Dataset):
-    """Detection samples from a COCO-format dataset.
-
-    Args:
-        root: folder holding the images (``file_name`` in the JSON is relative to it).
-        ann_file: the instances JSON.
-        transforms: a ``transforms.v2`` callable on ``(image, target)``; ``None`` gives float images in [0, 1].
-        skip_empty: drop images without usable annotations (for training; COCOeval wants them all).
-        warn: report repaired and skipped inputs as one warning.
-    """
+    """Detection samples of the instances JSON ``ann_file`` with images under ``root`` (``file_name`` is relative to
+    it). ``transforms``: a ``transforms.v2`` callable on ``(image, target)`` (``None``: float images in [0, 1]);
+    ``skip_empty`` drops images without usable annotations (training; COCOeval wants them all); ``warn`` reports
+    repaired and skipped inputs as one warning."""
 
     def __init__(self, root: str | os.PathLike, ann_file: str | os.PathLike, *, transforms=None,
                  skip_empty: bool = False, warn: bool = True) -> None:
@@ -138,10 +133,8 @@ class CocoDetection(Dataset):
 
     def _clean(self, info: dict, anns: list[dict]) -> list[tuple[tuple[float, float, float, float], int]]:
         """Valid (xyxy box, label) training pairs of one image, clipped to the JSON's width/height when present.
-
-        Invalid annotations (unknown category, malformed, zero-area, outside) are also marked for removal from
-        the ground truth COCOeval uses; valid ones stay there unclipped, as in the official evaluation.
-        """
+        Invalid annotations are also marked for removal from COCOeval's ground truth; valid ones stay there
+        unclipped, as in the official evaluation."""
         width, height = info.get("width"), info.get("height")
         sized = isinstance(width, (int, float)) and isinstance(height, (int, float))
         out = []

@@ -18,15 +18,12 @@ PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
 def draw_detections(image: torch.Tensor, detection: dict, class_names: Sequence[str], *,
                     score_thresh: float = 0.3, gt_boxes: torch.Tensor | None = None,
                     width: int = 2) -> torch.Tensor:
-    """The image with detections drawn, ``(3, H, W)`` uint8.
+    """``image`` (``(3, H, W)`` float in [0, 1] or uint8) with ``detection`` drawn, ``(3, H, W)`` uint8.
 
     Args:
-        image: ``(3, H, W)`` float in [0, 1] or uint8.
         detection: ``boxes`` (N, 4) xyxy in the image's pixels, ``scores`` (N,), ``labels`` (N,) contiguous.
-        class_names: ``class_names[label]``.
         score_thresh: detections below this score are not drawn.
-        gt_boxes: optional ground-truth boxes (M, 4) drawn as thin white outlines.
-        width: box line width of the detections.
+        gt_boxes: ground-truth boxes (M, 4), drawn as thin white outlines.
     """
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image must be (3, H, W) or (1, H, W), got shape {tuple(image.shape)}")

@@ -1,8 +1,7 @@
 """``sasa detect-train`` and ``sasa detect-eval``: a validated ``DetectConfig`` in, the detector, COCO data and
 optimiser built and handed to the shared ``Trainer`` with a ``DetectionTask``, the same run directory, resume and
 exit codes as ``sasa train`` out (``summary.json`` holds the final COCO metrics). The augmentation's random draws
-are not replayed, so a resumed run is not bit-identical to an uninterrupted one. Verified on CPU (one process and
-2-process gloo) on synthetic COCO-format data, not on COCO."""
+are not replayed, so a resumed run is not bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 

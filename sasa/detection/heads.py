@@ -34,15 +34,8 @@ VALUE_INIT_STD = 0.01
 
 def attention_layer(channels: int, *, kernel_size: int = 7, heads: int = 8, stride: int = 1,
                     value_std: float | None = None) -> SelfAttention2d:
-    """A width-preserving ``SelfAttention2d``; ``stride=2`` pools 2x2 with ``ceil_mode`` (conv-like output size).
-
-    Args:
-        channels: input and output channels.
-        kernel_size: attention window (7 in the paper).
-        heads: attention heads (8 in the paper).
-        stride: 1, or 2 for attention followed by a 2x2 average pool.
-        value_std: when given, the value projection is re-initialised from N(0, value_std).
-    """
+    """A width-preserving ``SelfAttention2d``; ``stride=2`` pools 2x2 with ``ceil_mode`` (conv-like output size);
+    ``value_std`` re-initialises the value projection from N(0, value_std)."""
     layer = SelfAttention2d(channels, channels, kernel_size=kernel_size, stride=stride, heads=heads)
     if stride > 1:
         layer.pool = nn.AvgPool2d(stride, stride, ceil_mode=True)
@@ -68,13 +61,7 @@ def attention_fpn_(fpn: FeaturePyramidNetwork, *, kernel_size: int = 7, heads: i
 
 
 class AttentionP6P7(LastLevelP6P7):
-    """RetinaNet's extra levels P6 = attn/2(P5) and P7 = attn/2(ReLU(P6)), as torchvision's ``LastLevelP6P7``.
-
-    Args:
-        channels: FPN width (P5 in, P6/P7 out).
-        kernel_size: attention window.
-        heads: attention heads.
-    """
+    """RetinaNet's extra levels P6 = attn/2(P5) and P7 = attn/2(ReLU(P6)), as torchvision's ``LastLevelP6P7``."""
 
     def __init__(self, channels: int, *, kernel_size: int = 7, heads: int = 8) -> None:
         super().__init__(channels, channels)  # use_P5 = True, as torchvision's retinanet_resnet50_fpn
@@ -114,8 +101,6 @@ class AttentionClassificationHead(RetinaNetClassificationHead):
     """torchvision's RetinaNet class subnet with an attention tower (forward and focal loss are torchvision's).
 
     Args:
-        in_channels: FPN width.
-        num_anchors: anchors per location.
         num_classes: object classes (no background class: sigmoid focal loss).
         prior_probability: initial foreground probability of the classifier bias.
         kernel_size, heads: attention window and heads.
@@ -135,10 +120,8 @@ class AttentionClassificationHead(RetinaNetClassificationHead):
 
 
 class AttentionRegressionHead(RetinaNetRegressionHead):
-    """torchvision's RetinaNet box subnet with an attention tower (forward and L1 box loss are torchvision's).
-
-    Args: as ``AttentionClassificationHead`` without the class arguments.
-    """
+    """torchvision's RetinaNet box subnet with an attention tower (forward and L1 box loss are torchvision's);
+    arguments as ``AttentionClassificationHead``'s."""
 
     def __init__(self, in_channels: int, num_anchors: int, *, kernel_size: int = 7, heads: int = 8,
                  predictor_kernel_size: int = 3, norm_layer: Callable[[int], nn.Module] | None = None) -> None:

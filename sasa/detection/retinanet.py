@@ -59,16 +59,9 @@ def freeze_backbone_(backbone: nn.Module, trainable_layers: int) -> None:
 
 
 def load_backbone_weights_(backbone: nn.Module, path: str | os.PathLike, *, name: str) -> None:
-    """Load an ImageNet classification checkpoint of ``sasa train`` into ``backbone``, in place.
-
-    The classifier (``fc.*``) is ignored; ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are
-    stripped. Any other missing, unexpected or mis-shaped key raises ``CheckpointError`` naming the keys.
-
-    Args:
-        backbone: a ``sasa.models`` ResNet.
-        path: a ``.safetensors`` file, or a checkpoint with a ``'model'`` state dict.
-        name: the backbone's registered name, checked against the checkpoint's ``meta['model']`` when present.
-    """
+    """Load ``sasa train``'s ImageNet weights at ``path`` (anything ``read_weights`` reads) into the ``sasa.models``
+    ResNet ``backbone`` registered as ``name`` (checked against ``meta['model']``), in place. The classifier
+    (``fc.*``) is ignored; any other missing, unexpected or mis-shaped key raises ``CheckpointError``."""
     state, meta = read_weights(path)
     source = f"backbone weights {str(path)!r}"
     if meta.get("model") not in (None, name):

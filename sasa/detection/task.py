@@ -46,11 +46,8 @@ def eval_loader(dataset: CocoDetection, dist: DistInfo, *, batch_size: int, work
 def evaluate(model: nn.Module, loader: DataLoader, dataset: CocoDetection, *, dist: DistInfo,
              amp_dtype: torch.dtype | None = None, draw: int = 0, draw_dir: str | os.PathLike | None = None,
              progress: bool = True) -> tuple[dict[str, float], list[dict]]:
-    """COCO metrics (percent) of ``model`` on ``loader``'s images, and the gathered result records.
-
-    ``loader`` is this rank's shard of ``dataset`` (``eval_loader``); rank 0 runs COCOeval, every rank gets the
-    metrics; ``draw`` > 0 draws the first images of rank 0's shard into ``draw_dir`` as PNG.
-    """
+    """COCO metrics (percent) of ``model`` on ``loader`` (this rank's ``eval_loader`` shard of ``dataset``) on every
+    rank, and the gathered result records; ``draw`` > 0 draws the first images of rank 0's shard into ``draw_dir``."""
     from tqdm import tqdm
 
     was_training = model.training
