@@ -8,6 +8,9 @@ variable                function                            effect
 ``SASA_CPU_MALLOC``     ``cpu_malloc_default()``            ``default``: the commands leave glibc's allocator alone
 ``SASA_NO_DOWNLOAD``    ``no_download()``                   ``1``: datasets are never downloaded
 ``TRITON_INTERPRET``    ``triton_interpret()``              ``1``: the Triton kernels run in Triton's interpreter
+``SASA_KERNEL_CHECK``   ``kernel_check()``                  ``warn`` (default): a Triton kernel configuration that
+                                                            fails its first-use check warns and runs ``shifted``;
+                                                            ``error``: raises; ``off``: no check
 ======================  ==================================  ==========================================================
 
 Backend names are those of ``sasa.backends`` (one vocabulary for both ops); an empty variable means "not set".
@@ -42,3 +45,14 @@ def no_download() -> bool:
 def triton_interpret() -> bool:
     """``TRITON_INTERPRET`` is on: Triton kernels run interpreted (on CPU tensors too; tests only)."""
     return _get("TRITON_INTERPRET").lower() in ("1", "true", "yes", "on")
+
+
+KERNEL_CHECK_MODES = ("off", "warn", "error")
+
+
+def kernel_check() -> str:
+    """``SASA_KERNEL_CHECK``: ``"warn"`` (unset), ``"error"`` or ``"off"`` (``sasa.backends.selfcheck``)."""
+    mode = _get("SASA_KERNEL_CHECK").lower() or "warn"
+    if mode not in KERNEL_CHECK_MODES:
+        raise ValueError(f"SASA_KERNEL_CHECK={mode!r} is not valid; expected one of {KERNEL_CHECK_MODES}")
+    return mode

@@ -27,8 +27,10 @@ gpu = pytest.mark.gpu
 
 @pytest.fixture
 def interpret(monkeypatch):
-    """Run the triton backend on CPU tensors through Triton's interpreter for the duration of one test."""
+    """Run the triton backend on CPU tensors through Triton's interpreter for the duration of one test. The kernels'
+    self-check is off: these tests are themselves checks against the reference (it has its own, test_selfcheck)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SASA_KERNEL_CHECK", "off")
     from sasa.backends import triton_backend
 
     return triton_backend
@@ -111,6 +113,63 @@ def test_matches_reference_fp32(case, interpret, monkeypatch):
             assert g is None or not g.abs().any(), name
             continue
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+# (rtol, atol) of bf16 / fp16 inputs against the reference computed in fp32 from the same (rounded) values, atol
+# relative to the reference's largest value (``_close``): the kernels compute in fp32, so what is left is the rounding
+# of the stored results (8 / 11 significant bits; the backward reads the rounded output) and, in the stem's dots,
+# TF32 inputs. The same rule and figures as sasa.backends.selfcheck.TOLERANCES.
+HALF_TOLERANCES = {torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+
+
+def _close(got, want, dtype, msg=None):
+    rtol, atol = HALF_TOLERANCES[dtype]
+    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol * want.abs().max().item(), msg=msg)
+HALF_CASES = {  # (B, H, W, heads, d, K, padding, per_head, fused, tile, heads per program, table dtype)
+    "d8_zeros_fp32_tables": (1, 5, 6, 2, 8, 3, "zeros", False, False, None, None, torch.float32),
+    "d16_mask_tiles_hb2_fused": (1, 5, 6, 2, 16, 3, "mask", True, True, (4, 4), 2, None),
+}
+
+
+def _half_inputs(case, dtype, seed=0):
+    """The case's q, k, v (fused: views of one tensor) in ``dtype``, tables in the case's dtype (None: ``dtype``),
+    and the float32 leaves holding the same values, for the reference."""
+    B, H, W, heads, d, K, _padding, per_head, fused, _tile, _hb, table_dtype = HALF_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    leaves = [torch.randn(B, H, W, 3, heads, d, generator=g).to(dtype)] if fused else [
+        torch.randn(B, H, W, heads, d, generator=g).to(dtype) for _ in range(3)]
+    shape = (heads, K, d // 2) if per_head else (K, d // 2)
+    leaves += [torch.randn(shape, generator=g).to(table_dtype or dtype) for _ in range(2)]
+    leaves = [t.requires_grad_() for t in leaves]
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    return leaves, ref_leaves, fused
+
+
+def _attention(leaves, fused, K, padding, backend):
+    q, k, v = leaves[0].unbind(3) if fused else leaves[:3]
+    return sasa.local_attention_2d(q, k, v, *leaves[-2:], kernel_size=K, padding=padding, scale=0.5, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(HALF_CASES))
+def test_matches_reference_half(case, dtype, interpret, monkeypatch):
+    """bf16 / fp16 q, k, v (and tables) through the interpreted kernels: output and every gradient against the
+    reference in fp32, within ``HALF_TOLERANCES``."""
+    _B, _H, _W, _heads, _d, K, padding, _per_head, _fused, tile, hb, _td = HALF_CASES[case]
+    _tile(monkeypatch, interpret, tile)
+    monkeypatch.setattr(interpret.kernels_for(torch.device("cpu")), "HEADS_OVERRIDE", hb)
+    leaves, ref_leaves, fused = _half_inputs(case, dtype)
+    out = _attention(leaves, fused, K, padding, "triton")
+    assert out.dtype == dtype
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref = _attention(ref_leaves, fused, K, padding, "reference")
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
+    _close(out, ref, dtype)
+    names = (["qkv"] if fused else ["q", "k", "v"]) + ["rel_rows", "rel_cols"]
+    for name, got, want, leaf in zip(names, grads, ref_grads, leaves):
+        assert got.dtype == leaf.dtype, name
+        _close(got, want, dtype, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 def test_heads_per_program_choice(interpret):
@@ -286,6 +345,40 @@ def test_stem_kernels_match_reference(interpret, monkeypatch, values, in_ch, hea
         for got, want in zip(torch.autograd.grad(out, [x, *params], g),
                              torch.autograd.grad(expected, [x, *params], g)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("values", ["spatial", "plain"])
+def test_stem_kernels_match_reference_half(interpret, dtype, values):
+    """The stem's kernels on bf16 / fp16 image and parameters (TF32 dots, results in ``dtype``): output and every
+    gradient against the reference in fp32 from the same values, within ``HALF_TOLERANCES``; NCHW and NHWC."""
+    from sasa.functional import stem_attention
+
+    gen = torch.Generator().manual_seed(0)
+    block, heads, C, M, D = 4, 2, 3, 3, 8
+    pm = torch.randn(block * block, M, generator=gen) if values == "spatial" else None
+    params = [torch.randn(C, heads * C, generator=gen) * 2, pm, torch.randn(heads, (M if pm is not None else 1) * C,
+                                                                              D, generator=gen)]
+    x = torch.randn(1, C, 8, 12, generator=gen)  # 6 blocks
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        leaves = [t.to(dtype).contiguous(memory_format=fmt) if t is x else t.to(dtype) for t in (x, *params)
+                  if t is not None]
+        leaves = [t.requires_grad_() for t in leaves]
+        ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+
+        def run(ts, backend):
+            xs, g, *rest = ts
+            return stem_attention(xs, g, rest[0] if pm is not None else None, rest[-1], block=block, backend=backend)
+
+        out = run(leaves, "triton")
+        assert out.dtype == dtype
+        dout = torch.randn(out.shape, generator=gen).to(dtype)
+        ref = run(ref_leaves, "reference")
+        _close(out, ref, dtype)
+        expected = torch.autograd.grad(ref, ref_leaves, dout.float())
+        for got, want in zip(torch.autograd.grad(out, leaves, dout), expected):
+            assert got.dtype == dtype
+            _close(got, want, dtype)
 
 
 def test_stem_kernels_deterministic_and_autocast(interpret, monkeypatch):

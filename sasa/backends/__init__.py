@@ -19,7 +19,9 @@ Choice, per call (``choose``): inside ``force(name)`` every op that has ``name``
 backend that cannot run raises with ``can_run``'s reason; an unknown name raises naming the valid ones (the stem's old
 name ``torch`` says to write ``shifted``). ``force`` is for passes that need shapes or one forward but not speed
 (counting FLOPs, listing or drawing attention layers), so that they never wait for a compile.
-``triton`` is registered when its module imports. Nothing outside this package imports a backend module.
+``triton`` is registered when its module imports; its kernels check themselves against ``reference`` at a
+configuration's first use and fall back to ``shifted`` if they disagree (``selfcheck.py``, ``SASA_KERNEL_CHECK``).
+Nothing outside this package imports a backend module.
 """
 
 from __future__ import annotations

@@ -23,6 +23,14 @@ per 8 blocks reads the image where it lies and writes the NCHW output; the backw
 reduces the parameter gradients per program (deterministic). Under ``torch.compile`` it declines (the compiler fuses
 the PyTorch form).
 
+Self-check (``selfcheck.py``): the first call of a kernel configuration in a process (window op: device, dtypes,
+head_dim, kernel size, padding, which of k and the tables are present, ``triton_kernels.launch_config``'s tiles,
+heads per program, vector and index width; stem: device, dtypes, channels, heads, mixtures, head_dim, block, memory
+format) first runs the same kernels on a small input of that configuration against ``reference``, forward and every
+gradient; a configuration that fails warns once and runs ``shifted`` (``SASA_KERNEL_CHECK``). The window op checks
+and falls back inside its custom ops, so compiled graphs are covered at their first run; the stem, which runs only
+outside torch.compile, in ``stem_triton``.
+
 Tested against ``reference`` in the interpreter; GPU speed measured by ``tools/gpu_check.py``."""
 
 import contextlib
@@ -35,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import settings
-from . import Backend, register
+from . import Backend, get, register, selfcheck
 
 MAX_HEAD_DIM = 128
 MAX_KERNEL_SIZE = 11
@@ -91,7 +99,11 @@ def local_attention_fwd(q: Tensor, k: Optional[Tensor], v: Tensor, rel_rows: Opt
                         scale: float) -> tuple[Tensor, Tensor]:
     """Forward: ``(out (B, H, W, heads, d) contiguous, lse (B, heads, H, W) fp32)``."""
     with _on_device(q):
-        return kernels_for(q.device).forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale)
+        kernels = kernels_for(q.device)
+        config = kernels.launch_config(q, k, v)
+        if not _window_verified(kernels, q, k, v, rel_rows, rel_cols, kernel_size, mask, config):
+            return _shifted_forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale)
+        return kernels.forward(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale, config=config)
 
 
 @local_attention_fwd.register_fake
@@ -107,8 +119,13 @@ def local_attention_bwd(dout: Tensor, q: Tensor, k: Optional[Tensor], v: Tensor,
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: ``(dq, dk, dv, drows, dcols)``; a gradient that is absent or not needed is an empty tensor."""
     with _on_device(q):
-        grads = kernels_for(q.device).backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size, mask,
-                                               scale, need_kv=need_kv, need_rows=need_rows, need_cols=need_cols)
+        kernels = kernels_for(q.device)
+        config = kernels.launch_config(q, k, v)  # the forward's: the same verdict
+        if not _window_verified(kernels, q, k, v, rel_rows, rel_cols, kernel_size, mask, config):
+            return _shifted_backward(dout, q, k, v, rel_rows, rel_cols, kernel_size, mask, scale, need_kv, need_rows,
+                                     need_cols)
+        grads = kernels.backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size, mask, scale,
+                                 need_kv=need_kv, need_rows=need_rows, need_cols=need_cols, config=config)
     return tuple(g if g is not None else _empty(q) for g in grads)
 
 
@@ -147,6 +164,95 @@ def _backward(ctx, dout, _dlse):
 
 
 torch.library.register_autograd("sasa::local_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------ the window op's self-check
+
+
+def _table(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.dtype, "per-head" if t.dim() == 3 else "shared")
+
+
+def _window_verified(kernels, q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, config: dict) -> bool:
+    """``selfcheck.verified`` for the window kernels of this call (an empty call launches nothing: True)."""
+    if q.numel() == 0:
+        return True
+    key = (("op", "window"), ("device", q.device), ("dtype", q.dtype), ("k", None if k is None else k.dtype),
+           ("v", v.dtype), ("rel_rows", _table(rel_rows)), ("rel_cols", _table(rel_cols)), ("head_dim", q.shape[-1]),
+           ("kernel_size", kernel_size), ("padding", "mask" if mask else "zeros"), ("tile_fwd", config["fwd"]),
+           ("tile_bwd_q", config["bwd_q"]), ("tile_bwd_kv", config["bwd_kv"]), ("vec", config["vec"]),
+           ("int64", config["int64"]))
+    return selfcheck.verified(
+        key, lambda: _window_check(kernels, q, k, v, rel_rows, rel_cols, kernel_size, mask, config), q.device)
+
+
+def _window_check(kernels, q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, config: dict) -> str | None:
+    """The self-check of one configuration (``selfcheck``'s contract): the forward and backward kernels on a small
+    input of the call's dtypes, with the call's ``config`` (its tiles, heads per program, vector width and index
+    width, so every compile-time constant and ``num_warps`` is the call's), against ``reference`` in float32.
+
+    The input has one image, one tile plus one row and column of pixels (a second, partial tile each way, and
+    borders; the call's own size if smaller), and as many heads as the largest heads per program. Its tensors are
+    contiguous, so every offset is a multiple of the call's ``VEC`` as the kernels promise: a call's ``VEC``
+    divides head_dim, the contiguous outputs' pixel or head stride. Triton's specialisation of integer arguments
+    (equal to 1, divisible by 16) follows the small input's sizes and strides, not the call's. The reference runs on
+    CPU: its autograd never waits for a device's backward thread (which may be the one waiting for this check)."""
+    with _on_device(q):
+        return _window_check_on_device(kernels, q, k, v, rel_rows, rel_cols, kernel_size, mask, config)
+
+
+def _window_check_on_device(kernels, q, k, v, rel_rows, rel_cols, kernel_size, mask, config) -> str | None:
+    B, H, W, heads, d = q.shape
+    kinds = ("fwd", "bwd_q", "bwd_kv")
+    shape = (1, min(H, max(config[c][0] for c in kinds) + 1), min(W, max(config[c][1] for c in kinds) + 1),
+             max(config[c][3] for c in kinds), d)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(like: Tensor | None, size) -> Tensor | None:
+        return None if like is None else torch.randn(size, generator=gen).to(q.device, like.dtype)
+
+    def table_shape(t: Tensor | None):
+        return None if t is None else (shape[3], kernel_size, d // 2)[3 - t.dim():]
+
+    qc, kc, vc = rand(q, shape), rand(k, shape), rand(v, shape)
+    rows, cols = rand(rel_rows, table_shape(rel_rows)), rand(rel_cols, table_shape(rel_cols))
+    scale = d ** -0.5
+    out, lse = kernels.forward(qc, kc, vc, rows, cols, kernel_size, mask, scale, config=config)
+    dout = rand(out, out.shape)
+    grads = kernels.backward(dout, qc, kc, vc, out, lse, rows, cols, kernel_size, mask, scale, config=config)
+
+    leaves = [None if t is None else t.detach().cpu().float().requires_grad_() for t in (qc, kc, vc, rows, cols)]
+    ref = get("reference").apply(*leaves, kernel_size, "mask" if mask else "zeros", scale)
+    present = [t for t in leaves if t is not None]
+    ref_grads = iter(torch.autograd.grad(ref, present, dout.cpu().float()))
+    expected = [None if t is None else next(ref_grads) for t in leaves]
+    got = [None if t is None else t.cpu() for t in (out, *grads)]
+    names = ("out", "dq", "dk", "dv", "drel_rows", "drel_cols")
+    return selfcheck.compare(dict(zip(names, zip(got, (ref, *expected)))), precision=q.dtype)
+
+
+def _shifted_forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: float):
+    """The forward of a configuration that failed its check: ``shifted``'s custom op (autograd is off inside this
+    one), the output in this op's layout; the log-sum-exp is never read (the backward falls back too)."""
+    get("shifted")  # registers the sasa::shifted_* ops
+    out, _probs = torch.ops.sasa.shifted_fwd(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale, "eager")
+    if q.stride(-1) != 1:  # channels-first q: shifted's output is (B, heads, d, H, W)
+        out = out.permute(0, 3, 4, 1, 2)
+    B, H, W, heads, _d = q.shape
+    return out.contiguous(), torch.zeros((B, heads, H, W), dtype=torch.float32, device=q.device)
+
+
+def _shifted_backward(dout, q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: float, need_kv: bool,
+                      need_rows: bool, need_cols: bool):
+    """The backward of a configuration that failed its check: ``shifted``'s (its probabilities recomputed)."""
+    get("shifted")
+    _out, probs = torch.ops.sasa.shifted_fwd(q, k, v, rel_rows, rel_cols, kernel_size, mask, scale, "eager")
+    needs = [True, k is not None and need_kv, need_kv, rel_rows is not None and need_rows,
+             rel_cols is not None and need_cols]
+    if q.stride(-1) != 1:  # shifted's backward takes the gradient in its forward's output layout
+        dout = dout.permute(0, 3, 4, 1, 2)
+    grads = torch.ops.sasa.shifted_bwd(dout, q, k, v, rel_rows, rel_cols, probs, kernel_size, scale, needs, "eager")
+    return tuple(g.contiguous() for g in grads)
 
 
 def triton_attention(q, k, v, rel_rows, rel_cols, kernel_size, padding, scale):
@@ -211,12 +317,64 @@ class _StemAttention(torch.autograd.Function):
 
 def stem_triton(x: Tensor, g: Tensor, pm: Optional[Tensor], wv: Tensor, *, block: int) -> Tensor:  # noqa: UP045
     """The stem op on the image ``x`` itself (no blocked copy); returns ``(B, C_out, H, W)`` contiguous in the
-    autocast dtype (else x's); fp32 inside."""
+    autocast dtype (else x's); fp32 inside. A configuration that failed its self-check runs ``shifted``."""
     device = x.device.type
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if not _stem_verified(x, g, pm, wv, block, out_dtype):
+        return get("shifted", "stem").apply(x, g, pm, wv, block=block)
     with torch.autocast(device, enabled=False):
         return _StemAttention.apply(x, g.contiguous(), pm.contiguous() if pm is not None else None, wv.contiguous(),
                                     block, out_dtype)
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _stem_verified(x, g, pm, wv, block: int, out_dtype: torch.dtype) -> bool:
+    """``selfcheck.verified`` for the stem kernels of this call."""
+    if x.numel() == 0:
+        return True
+    heads, J, D = wv.shape
+    key = (("op", "stem"), ("device", x.device), ("dtype", x.dtype), ("g", g.dtype),
+           ("pm", None if pm is None else pm.dtype), ("wv", wv.dtype), ("out", out_dtype),
+           ("in_channels", x.shape[1]), ("heads", heads), ("mixtures", J // x.shape[1]), ("head_dim", D),
+           ("block", block), ("channels_last", _channels_last(x)))
+    return selfcheck.verified(key, lambda: _stem_check(x, g, pm, wv, block, out_dtype), x.device)
+
+
+def _stem_check(x, g, pm, wv, block: int, out_dtype: torch.dtype) -> str | None:
+    """The self-check of one stem configuration: both kernels on one 3x3-block image (two forward programs, the
+    second partial; three backward ones) of the call's dtypes, channels and memory format, against ``reference``
+    in float32 on CPU. The kernels' compile-time constants follow from these (``triton_stem_kernels._config``)."""
+    with _on_device(x):
+        return _stem_check_on_device(x, g, pm, wv, block, out_dtype)
+
+
+def _stem_check_on_device(x, g, pm, wv, block: int, out_dtype: torch.dtype) -> str | None:
+    kernels = kernels_for(x.device, "triton_stem_kernels")
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(like: Tensor | None, *size, std: float = 1.0) -> Tensor | None:
+        return None if like is None else (torch.randn(size, generator=gen) * std).to(x.device, like.dtype)
+
+    C, (heads, J, D) = x.shape[1], wv.shape
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    xc = rand(x, 1, C, 3 * block, 3 * block).contiguous(memory_format=fmt)
+    gc, pmc, wvc = rand(g, C, heads * C, std=2.0), rand(pm, block * block, J // C), rand(wv, heads, J, D)
+    with torch.no_grad():
+        out = kernels.forward(xc, gc, pmc, wvc, block, out_dtype)
+        dout = torch.randn(out.shape, generator=gen).to(x.device, out_dtype)
+        grads = kernels.backward(dout, xc, gc, pmc, wvc, block, out_dtype)
+
+    leaves = [None if t is None else t.detach().cpu().float().requires_grad_() for t in (xc, gc, pmc, wvc)]
+    ref = get("reference", "stem").apply(*leaves, block=block)
+    present = [t for t in leaves if t is not None]
+    ref_grads = iter(torch.autograd.grad(ref, present, dout.cpu().float()))
+    expected = [None if t is None else next(ref_grads) for t in leaves]
+    got = [None if t is None else t.cpu() for t in (out, *grads)]
+    names = ("out", "dx", "dg", "dpm", "dwv")
+    return selfcheck.compare(dict(zip(names, zip(got, (ref, *expected)))), precision=out_dtype)
 
 
 def _stem_can_run(x, *, block: int = 1, mixtures: int = 1, device=None, **_) -> str | None:

@@ -371,6 +371,24 @@ def _needs_int64(*tensors) -> bool:
     return False
 
 
+class _Contiguous:
+    """Shape and strides of a contiguous tensor not yet allocated, for ``_vector_width`` and ``_needs_int64``."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        strides, step = [], 1
+        for size in reversed(self.shape):
+            strides.append(step)
+            step *= size
+        self._strides = tuple(reversed(strides))
+
+    def stride(self) -> tuple[int, ...]:
+        return self._strides
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
 def _vector_width(block_d: int, *tensors) -> int:
     """Elements per vector access (``VEC``) that every pixel / head / batch offset of ``tensors`` is a multiple of.
 
@@ -406,15 +424,34 @@ def _placed(table, start: int, block_d: int, heads: int):
     return out
 
 
-def forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: float):
-    """Returns ``(out, lse)``: out ``(B, H, W, heads, d)`` contiguous in q's dtype, lse ``(B, heads, H, W)`` fp32."""
+def launch_config(q, k, v) -> dict:
+    """The host's choices for a call on these tensors: ``{"fwd" | "bwd_q" | "bwd_kv": (TH, TW, num_warps, HB),
+    "vec": VEC, "int64": INT64}``. With the dtypes, head_dim, kernel size, padding and which of k and the tables
+    are present, they fix every compile-time constant of the three kernels (``sasa.backends.selfcheck`` keys its
+    verdicts on them); forward and backward of one call share them (``backward`` copies an upstream gradient that
+    does not fit them)."""
+    B, H, W, heads, d = q.shape
+    bd = _next_pow2(d)
+    out = _Contiguous(q.shape)  # the outputs' (out, dq, dk, dv) layout
+    kt = k if k is not None else q
+    config = {kind: tile_config(H, W, bd, kind, heads) for kind in ("fwd", "bwd_q", "bwd_kv")}
+    config["vec"] = _vector_width(bd, q, k, v, out)
+    config["int64"] = _needs_int64(q, kt, v, out)
+    return config
+
+
+def forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: float, config: dict | None = None):
+    """Returns ``(out, lse)``: out ``(B, H, W, heads, d)`` contiguous in q's dtype, lse ``(B, heads, H, W)`` fp32.
+    ``config``: ``launch_config``'s choices, computed from the tensors when None (the self-check passes those of
+    the call it stands in for)."""
     B, H, W, heads, d = q.shape
     out = torch.empty((B, H, W, heads, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, heads, H, W), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    config = config or launch_config(q, k, v)
     bd = _next_pow2(d)
-    th, tw, num_warps, hb = tile_config(H, W, bd, "fwd", heads)
+    th, tw, num_warps, hb = config["fwd"]
     tiles_w = triton.cdiv(W, tw)
     n_tiles = triton.cdiv(H, th) * tiles_w
     kt = k if k is not None else q  # dummy pointer, never read
@@ -425,15 +462,15 @@ def forward(q, k, v, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: fl
         heads, H, W, d, tiles_w, n_tiles, float(scale),
         KS=kernel_size, MASK=bool(mask), HAS_K=k is not None, HAS_ROWS=rel_rows is not None,
         HAS_COLS=rel_cols is not None, TH=th, TW=tw, BD=bd, EVEN_D=even_channels(d, bd), HB=hb,
-        INT64=_needs_int64(q, kt, v, out),
-        VEC=_vector_width(bd, q, k, v, out), num_warps=num_warps,
+        INT64=config["int64"], VEC=config["vec"], num_warps=num_warps,
     )
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask: bool, scale: float,
-             need_kv: bool = True, need_rows: bool = True, need_cols: bool = True):
-    """Returns ``(dq, dk, dv, drows, dcols)``; dk is None without k, d-tables None when absent or not needed."""
+             need_kv: bool = True, need_rows: bool = True, need_cols: bool = True, config: dict | None = None):
+    """Returns ``(dq, dk, dv, drows, dcols)``; dk is None without k, d-tables None when absent or not needed.
+    ``config``: as ``forward``'s."""
     B, H, W, heads, d = q.shape
     dq = torch.empty((B, H, W, heads, d), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq) if (k is not None and need_kv) else None
@@ -449,13 +486,13 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
     pr, pc = _placed(rel_rows, 0, bd, heads), _placed(rel_cols, d // 2, bd, heads)
     rr = pr if pr is not None else q
     rc = pc if pc is not None else q
-    vec = _vector_width(bd, q, k, v, out, dq)
-    if _vector_width(bd, dout) < vec:  # e.g. a permuted upstream gradient: one copy beats scalar loads everywhere
-        dout = dout.contiguous()
-    int64 = _needs_int64(q, kt, v, out, dout)
+    config = config or launch_config(q, k, v)
+    vec, int64 = config["vec"], config["int64"]
+    if _vector_width(bd, dout) < vec or (not int64 and _needs_int64(dout)):  # e.g. a permuted upstream gradient:
+        dout = dout.contiguous()  # one copy beats scalar loads everywhere (and keeps int32 offsets valid)
     delta = torch.empty((B, heads, H, W), dtype=torch.float32, device=q.device)
 
-    th, tw, num_warps, hb = tile_config(H, W, bd, "bwd_q", heads)
+    th, tw, num_warps, hb = config["bwd_q"]
     tiles_w = triton.cdiv(W, tw)
     n_tiles = triton.cdiv(H, th) * tiles_w
     drel = torch.empty((heads, B, n_tiles, kernel_size, d) if (row_grad or col_grad) else (1,),
@@ -479,7 +516,7 @@ def backward(dout, q, k, v, out, lse, rel_rows, rel_cols, kernel_size: int, mask
             dcols = (g if rel_cols.dim() == 3 else g.sum(0)).to(rel_cols.dtype, copy=True)
 
     if need_kv:
-        th, tw, num_warps, hb = tile_config(H, W, bd, "bwd_kv", heads)
+        th, tw, num_warps, hb = config["bwd_kv"]
         tiles_w = triton.cdiv(W, tw)
         n_tiles = triton.cdiv(H, th) * tiles_w
         dkt = dk if dk is not None else dv

@@ -21,7 +21,8 @@ bf16 / fp16 (autocast). An earlier version with explicit loops instead of dots l
 
 Plain Triton, loaded lazily by ``triton_backend`` (compiled for CUDA tensors, interpreted for CPU tensors in the
 tests). Correct against the textbook stem in the interpreter (tests); compiled offline for sm_90a; not yet
-run on a GPU (``tools/gpu_check.py`` checks it there)."""
+run on a GPU (``tools/gpu_check.py`` checks it there; each configuration also checks itself at its first use,
+``selfcheck.py``)."""
 
 import torch
 import triton
