@@ -309,7 +309,42 @@ def _run_detect_eval(args) -> int:
     return 0
 
 
-COMMANDS = [_add_info, _add_show_attention, _add_bench, _add_train, _add_eval, _add_detect_train, _add_detect_eval]
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="a run's weights or a model as ONNX, TorchScript or an ExportedProgram, checked",
+                       description="Export a model for deployment and check the written file against eager PyTorch "
+                                   "on a random batch (ONNX: run by onnxruntime on CPU); exit status 1 when they "
+                                   "differ by more than --atol.")
+    p.add_argument("source", metavar="RUN_DIR_OR_MODEL",
+                   help="a sasa train run directory, a .safetensors / .pt weights file, or a model name")
+    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript", "exported-program"], default="onnx")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--batch-size", type=int, default=2, help="batch of the example input and of the check")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension (default: dynamic)")
+    p.add_argument("--image-size", type=int, help="input side (default: the run's, else the model's)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs for a model name (default 1000)")
+    p.add_argument("--model-args", type=_model_args, action="append", default=[], metavar="KEY=VALUE,...",
+                   help="create_model overrides for a model name")
+    p.add_argument("--onnx-exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torch.onnx.export(dynamo=False) or the dynamo exporter (needs onnxscript)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest absolute difference accepted")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from .export import export_model
+
+    result = export_model(args.source, args.out, fmt=args.fmt, batch_size=args.batch_size,
+                          dynamic_batch=not args.static_batch, num_classes=args.num_classes,
+                          model_args={k: v for d in args.model_args for k, v in d.items()} or None,
+                          image_size=args.image_size, onnx_exporter=args.onnx_exporter, opset=args.opset,
+                          atol=args.atol)
+    print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
+COMMANDS = [_add_info, _add_show_attention, _add_bench, _add_train, _add_eval, _add_detect_train, _add_detect_eval,
+            _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules of the optional extras (pyproject.toml) -> the extra that brings them.
 EXTRAS = {"yaml": "train", "tqdm": "train", "matplotlib": "train", "safetensors": "train", "numpy": "train",
-          "pycocotools": "detection", "timm": "timm"}
+          "pycocotools": "detection", "timm": "timm", "onnx": "export", "onnxruntime": "export",
+          "onnxscript": "export"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,13 @@ Registered: ``sasa_resnet26/38/50`` and ``sasa_resnet26/38/50_convstem`` (the co
 keep timm's own names); every ``sasa.create_model`` override passes through as a keyword. Registration is lazy
 (importing timm costs seconds): ``register_when_timm_imported()`` registers now if timm is imported, else from an
 import hook. timm's ``train.py`` runs through ``python -m sasa.timm_train path/to/train.py --model sasa_resnet26 ...``.
-``pretrained_cfg`` has 224 px, ImageNet mean/std, bicubic, crop 0.875 and no weights; ``feature_info`` lists the stem
-and ``layer1..4``; ``bn_momentum`` / ``bn_eps`` set the BatchNorms; ``global_pool`` must be ``"avg"``; a non-zero
-``drop_path_rate`` / ``drop_block_rate`` is refused. Tested with timm 1.0.
+``pretrained_cfg`` has 224 px, ImageNet mean/std, bicubic, crop 0.875 and no weights (``pretrained=True`` with
+``pretrained_cfg_overlay=dict(file="runs/RUN/model.safetensors")`` loads a ``sasa train`` run; timm drops the
+classifier when ``num_classes`` differs); ``feature_info`` lists the stem and ``layer1..4``; ``bn_momentum`` /
+``bn_eps`` set the BatchNorms; ``global_pool`` and ``num_classes=0`` act as in timm's ResNet; a non-zero
+``drop_path_rate`` / ``drop_block_rate`` is refused. The attention layers and the stem are registered as FX leaf
+modules (timm's ``register_notrace_module``), so timm's FX feature extraction traces the models around them.
+Tested with timm 1.0.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ def _cfg(name: str) -> dict:
     notes = f"paper: {info['paper_params_m']}M params, {info['paper_gflops']} GFLOPs, {info['paper_top1']}% top-1"
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
             "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-            "first_conv": "conv1" if info["config"]["stem"] == "conv" else None, "classifier": "fc",
+            "first_conv": "conv1" if info["config"]["stem"] == "conv" else ("conv1.query", "conv1.key"),
+            "classifier": "fc",
             "paper_ids": "arXiv:1906.05909", "paper_name": "Stand-Alone Self-Attention in Vision Models",
             "notes": (notes,)}
 
@@ -53,15 +58,13 @@ def feature_info(model: nn.Module) -> list[dict]:
     return info
 
 
-def _build(variant: str, *, drop_path_rate: float = 0.0, drop_block_rate: float = 0.0, global_pool: str = "avg",
+def _build(variant: str, *, drop_path_rate: float = 0.0, drop_block_rate: float = 0.0,
            bn_momentum: float | None = None, bn_eps: float | None = None, device=None, dtype=None,
            **kwargs) -> nn.Module:
     """``sasa.create_model(variant, ...)`` from timm's keyword arguments, with ``feature_info`` attached."""
     for name, value in (("drop_path_rate", drop_path_rate), ("drop_block_rate", drop_block_rate)):
         if value:
             raise ValueError(f"{name}={value}: the sasa ResNets have no stochastic depth or DropBlock; expected 0")
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool={global_pool!r}: the sasa ResNets use average pooling; expected 'avg'")
     if bn_momentum is not None or bn_eps is not None:
         bn = {k: v for k, v in (("momentum", bn_momentum), ("eps", bn_eps)) if v is not None}
         kwargs.setdefault("norm_layer", partial(nn.BatchNorm2d, **bn))
@@ -114,8 +117,12 @@ def register() -> None:
     global _registered, default_cfgs
     if _registered:
         return
-    from timm.models import generate_default_cfgs, register_model
+    from timm.models import generate_default_cfgs, register_model, register_notrace_module
 
+    from .layers.attention import SelfAttention2d
+
+    for leaf in (SelfAttention2d, AttentionStem):  # FX: call them as modules, do not trace their dispatch
+        register_notrace_module(leaf)
     default_cfgs = generate_default_cfgs({name: _cfg(name) for name in TIMM_MODELS})  # timm reads it by this name
     for name in TIMM_MODELS:
         register_model(globals()[name])

@@ -77,7 +77,7 @@ TIERS = [
     ("models", "flops", "timm_compat", "io"),
     ("data", "viz"),
     ("engine",),
-    ("detection", "bench", "info", "timm_train"),
+    ("detection", "bench", "info", "timm_train", "export"),
     ("cli", "__main__", "__init__"),
 ]
 

@@ -12,14 +12,22 @@ Decisions the paper leaves open, taken as SPEC section 1 states them:
 
 The three projections run as one fused 1x1 convolution; q, k, v are strided channels-last views of its output, so
 no copy is made between the projection and the op. ``recompute_qkv=True`` drops that output after the forward and
-recomputes it in the backward (``recompute.py``): less memory, one more 1x1 projection."""
+recomputes it in the backward (``recompute.py``): less memory, one more 1x1 projection.
+
+``forward`` dispatches through ``sasa.local_attention_2d``'s backends in eager mode and under ``torch.compile``.
+While ``torch.jit.script`` compiles the layer, ``torch.jit.trace`` / the TorchScript ONNX exporter record it or
+``torch.export`` (and the dynamo ONNX exporter) traces it, it runs ``forward_portable`` instead: the same maths in
+standard operators only (``window_attention_portable``: k*k shifted slices of the zero-padded keys and values, no
+custom autograd), which every exporter and runtime takes."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import Optional  # TorchScript reads typing.Optional on every supported torch, not "X | None"
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..functional import PADDING_MODES, attention_probs, check_kernel_size, local_attention_2d
@@ -27,6 +35,73 @@ from .positional import sinusoidal_2d
 from .recompute import recompute_saved_views
 
 POSITIONAL = ("relative", "absolute", "none")
+
+
+def portable_mode() -> bool:
+    """True while an exporter records the model: ``torch.jit.trace`` (and the TorchScript ONNX exporter) or
+    ``torch.export`` (and the dynamo ONNX exporter). The layers then take their standard-operator path."""
+    if torch.jit.is_tracing():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    return bool(is_exporting is not None and is_exporting())
+
+
+def _rel_logits(q_half: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """q_half ``(B, heads, c, H, W)`` . table ``(k, c)`` or ``(heads, k, c)`` -> ``(B, heads, k, H, W)``."""
+    if table.dim() == 2:
+        return torch.einsum("bncij,xc->bnxij", q_half, table.to(q_half.dtype))
+    return torch.einsum("bncij,nxc->bnxij", q_half, table.to(q_half.dtype))
+
+
+def window_attention_portable(q: torch.Tensor, k: Optional[torch.Tensor], v: torch.Tensor,  # noqa: UP045
+                              rel_rows: Optional[torch.Tensor], rel_cols: Optional[torch.Tensor],  # noqa: UP045
+                              kernel_size: int, mask: bool, scale: float) -> torch.Tensor:
+    """``local_attention_2d``'s maths (``sasa/functional.py``) in standard operators, channels-first: scriptable,
+    traceable and exportable, with autograd's backward (no custom op, no backend choice).
+
+    Args:
+        q, k, v: ``(B, heads, head_dim, H, W)``; ``k`` None for q.r-only logits.
+        rel_rows, rel_cols: ``(k, head_dim // 2)`` or ``(heads, k, head_dim // 2)`` tables, or None.
+        kernel_size: odd window size.
+        mask: ``padding="mask"`` (out-of-image positions leave the softmax) instead of ``"zeros"``.
+        scale: logit scale.
+
+    Returns:
+        ``(B, heads, head_dim, H, W)``.
+    """
+    B, heads, d, H, W = q.shape
+    K = kernel_size
+    r = K // 2
+    vp = F.pad(v, (r, r, r, r))  # (B, heads, d, H + 2r, W + 2r): zero keys / values outside the image
+    logits = []
+    if k is not None:
+        kp = F.pad(k, (r, r, r, r))
+        for a in range(K):
+            for b in range(K):
+                logits.append((q * kp[:, :, :, a:a + H, b:b + W]).sum(2))  # (B, heads, H, W) per offset
+        out = torch.stack(logits, 2)  # (B, heads, K*K, H, W), offset (a, b) at a*K + b
+    else:
+        out = q.new_zeros(B, heads, K * K, H, W)
+    if rel_rows is not None:
+        out = out + _rel_logits(q[:, :, : d // 2], rel_rows).unsqueeze(3).expand(-1, -1, -1, K, -1, -1).flatten(2, 3)
+    if rel_cols is not None:
+        out = out + _rel_logits(q[:, :, d // 2 :], rel_cols).unsqueeze(2).expand(-1, -1, K, -1, -1, -1).flatten(2, 3)
+    out = out * scale
+    if mask:
+        ones = F.pad(q.new_ones(1, 1, H, W), (r, r, r, r))
+        windows = []
+        for a in range(K):
+            for b in range(K):
+                windows.append(ones[:, 0, a:a + H, b:b + W])
+        inside = torch.stack(windows, 1)  # (1, K*K, H, W): 1 where the offset lands inside the image
+        out = out.masked_fill(inside.unsqueeze(1) == 0, float("-inf"))
+    probs = torch.softmax(out, dim=2)  # (B, heads, K*K, H, W)
+    result = torch.zeros_like(q)
+    for a in range(K):
+        for b in range(K):
+            o = a * K + b
+            result = result + probs[:, :, o:o + 1] * vp[:, :, :, a:a + H, b:b + W]
+    return result
 
 
 class SelfAttention2d(nn.Module):
@@ -145,6 +220,30 @@ class SelfAttention2d(nn.Module):
         return self._split(self.qkv(self._input(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.forward_portable(x)
+        else:
+            return self._forward_dispatch(x)
+
+    def forward_portable(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` in standard operators (``window_attention_portable``): what scripting and export run."""
+        torch._assert(x.dim() == 4, "SelfAttention2d expects a (B, C, H, W) input")
+        torch._assert(x.shape[1] == self.in_channels, "SelfAttention2d: the input's channels differ from in_channels")
+        if self.positional == "absolute":
+            x = x + sinusoidal_2d(self.in_channels, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+        y = self.qkv(x)  # (B, P*C_out, H, W)
+        y = y.view(y.shape[0], self.num_proj, self.heads, self.head_dim, y.shape[2], y.shape[3])
+        k: Optional[torch.Tensor] = None  # noqa: UP045
+        if self.query_key:
+            k = y[:, 1]
+        out = window_attention_portable(y[:, 0], k, y[:, self.num_proj - 1], self.rel_rows, self.rel_cols,
+                                        self.kernel_size, self.padding == "mask", self.scale)
+        return self.pool(out.flatten(1, 2))  # (B, heads, d, H, W) -> (B, C_out, H, W), then the stride's pool
+
+    @torch.jit.unused
+    def _forward_dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        if portable_mode():
+            return self.forward_portable(x)
         x = self._input(x)
         y = self.qkv(x)  # (B, P*C_out, H, W)
         recompute = self.recompute_qkv and torch.is_grad_enabled() and not torch.compiler.is_compiling()

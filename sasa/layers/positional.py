@@ -6,6 +6,8 @@ this is our choice (SPEC section 1)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -18,8 +20,10 @@ def _encode_1d(positions: torch.Tensor, channels: int) -> torch.Tensor:
     return enc[:channels]
 
 
-def sinusoidal_2d(channels: int, height: int, width: int, *, device=None, dtype=None) -> torch.Tensor:
-    """A ``(1, channels, height, width)`` encoding of each pixel's (row, column)."""
+def sinusoidal_2d(channels: int, height: int, width: int, device: Optional[torch.device] = None,  # noqa: UP045
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:  # noqa: UP045
+    """A ``(1, channels, height, width)`` encoding of each pixel's (row, column) (scriptable: no keyword-only
+    arguments, typing.Optional)."""
     rows_c = channels // 2
     rows = _encode_1d(torch.arange(height), rows_c)  # (rows_c, H)
     cols = _encode_1d(torch.arange(width), channels - rows_c)  # (C - rows_c, W)

@@ -9,8 +9,10 @@ ablation's weak baseline) or ``"conv"`` (values from a ``conv_kernel`` convoluti
 ``forward`` runs spatial and plain values through ``sasa.functional.stem_attention``, an exact reassociation around
 the 3-channel input that never forms q / k / v (about 3x faster, half the peak memory on CPU; Triton kernels on
 CUDA), dispatched by the backend registry like ``local_attention_2d``; ``reference_forward`` is the textbook
-formulation, the tests' oracle and the conv-values path. The model adds BatchNorm, ReLU and the 4x4/4 max pool; input
-sides must be multiples of ``block_size``.
+formulation, the tests' oracle and the conv-values path. While ``torch.jit.script`` compiles the stem or an exporter
+records it (``torch.jit.trace``, ``torch.export``, ``torch.onnx.export``), ``forward`` runs ``forward_portable``, the
+textbook formulation in standard operators (two matmuls and a softmax per block and head). The model adds BatchNorm,
+ReLU and the 4x4/4 max pool; input sides must be multiples of ``block_size``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from .. import backends
 from ..functional import stem_attention
+from .attention import portable_mode
 
 STEM_VALUES = ("spatial", "plain", "conv")
 
@@ -117,7 +120,17 @@ class AttentionStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` -> ``(B, C_out, H, W)``: the reassociated op for spatial / plain values (exact, see
-        ``sasa/backends/stem.py``), ``reference_forward`` for conv values (their values are not linear in one pixel)."""
+        ``sasa/backends/stem.py``), ``reference_forward`` for conv values (their values are not linear in one pixel);
+        ``forward_portable`` when scripted or exported."""
+        if torch.jit.is_scripting():
+            return self.forward_portable(x)
+        else:
+            return self._forward_dispatch(x)
+
+    @torch.jit.unused
+    def _forward_dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        if portable_mode():
+            return self.forward_portable(x)
         if self.values == "conv":
             return self.reference_forward(x)
         self._check(x)
@@ -139,23 +152,37 @@ class AttentionStem(nn.Module):
         The oracle the fast path is tested against, and the path of conv values.
         """
         self._check(x)
-        B, _, H, W = x.shape
-        s = self.block_size
+        q, k, v = self._sequences(x)
+        return self._merge(_block_attention(q, k, v, self.scale), x)
+
+    def forward_portable(self, x: torch.Tensor) -> torch.Tensor:
+        """``reference_forward`` with the attention as two matmuls and a softmax: scriptable and exportable."""
+        torch._assert(x.dim() == 4, "AttentionStem expects a (B, C, H, W) input")
+        torch._assert(x.shape[1] == self.in_channels, "AttentionStem: the input's channels differ from in_channels")
+        torch._assert(x.shape[2] % self.block_size == 0 and x.shape[3] % self.block_size == 0,
+                      "AttentionStem needs height and width divisible by block_size")
+        q, k, v = self._sequences(x)
+        return self._merge(torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1) @ v, x)
+
+    def _fold(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, Hb, Wb, s*s, C_out) -> (B, Hb*Wb*heads, s*s, d): every block-head is one sequence."""
+        return t.unflatten(-1, (self.heads, self.out_channels // self.heads)).transpose(-2, -3).flatten(1, 3)
+
+    def _sequences(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of every block and head, ``(B, Hb*Wb*heads, s*s, d)`` each."""
         xb = self._blocks(x)  # (B, Hb, Wb, s*s, C_in)
-        if self.values == "spatial":
+        if hasattr(self, "value_weight"):  # spatial values (hasattr: TorchScript resolves it when compiling)
             w = torch.einsum("pm,moc->poc", self.mixture_weights(), self.value_weight)  # (s*s, C_out, C_in)
             v = torch.einsum("bhwpc,poc->bhwpo", xb, w)  # (B, Hb, Wb, s*s, C_out)
         elif self.values == "plain":
             v = self.value(xb)
         else:
             v = self._blocks(self.value(x))
-        d = self.out_channels // self.heads
+        return self._fold(self.query(xb)), self._fold(self.key(xb)), self._fold(v)
 
-        def fold(t):  # (B, Hb, Wb, s*s, C_out) -> (B, Hb*Wb*heads, s*s, d): every block-head is one sequence
-            return t.unflatten(-1, (self.heads, d)).transpose(-2, -3).flatten(1, 3)
-
-        q, k, v = fold(self.query(xb)), fold(self.key(xb)), fold(v)
-        out = _block_attention(q, k, v, self.scale)  # (B, Hb*Wb*heads, s*s, d)
+    def _merge(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hb*Wb*heads, s*s, d) -> (B, C_out, H, W) for input ``x``."""
+        B, H, W, s = x.shape[0], x.shape[2], x.shape[3], self.block_size
         out = out.unflatten(1, (H // s, W // s, self.heads)).transpose(-2, -3)  # (B, Hb, Wb, s*s, heads, d)
         out = out.reshape(B, H // s, W // s, s, s, self.out_channels)  # (B, Hb, Wb, s, s, C_out)
         return out.permute(0, 5, 1, 3, 2, 4).reshape(B, self.out_channels, H, W)
