@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import json
 import sys
 import warnings
 from functools import partial
+from pathlib import Path
 
 from torch import nn
 
@@ -75,8 +77,53 @@ def _build(variant: str, *, drop_path_rate: float = 0.0, drop_block_rate: float 
     return model
 
 
+def _sasa_meta(path: str) -> dict:
+    """The metadata ``sasa train`` writes into a ``.safetensors`` file (``{}`` for any other file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = f.metadata() or {}
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return meta
+
+
+def _from_run_weights(variant: str, kwargs: dict) -> None:
+    """``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=".../model.safetensors")`` of a ``sasa train``
+    run: the run's model arguments and input channels become the defaults of ``kwargs``, and its class count and
+    input size go into the overlay, so timm keeps the classifier when ``num_classes`` matches the run's (and drops
+    it, as for any pretrained model, when it does not)."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    file = overlay.get("file")
+    if not file or not str(file).endswith(".safetensors") or not Path(file).is_file():
+        return
+    meta = _sasa_meta(file)
+    if not meta.get("model"):
+        return  # not written by sasa: timm's own loading rules
+    if meta["model"] != variant:
+        raise ValueError(f"{file} holds weights of {meta['model']!r}, not {variant!r}: create that model")
+    in_chans = int(kwargs.setdefault("in_chans", int(meta.get("in_chans", 3))))
+    for key, value in (meta.get("model_args") or {}).items():
+        kwargs.setdefault(key, tuple(value) if isinstance(value, list) else value)
+    size = meta.get("image_size") or 224
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    kwargs["pretrained_cfg_overlay"] = {"num_classes": int(meta["num_classes"]),
+                                        "input_size": (int(meta.get("in_chans", 3)), height, width),
+                                        "pool_size": None, **overlay}
+    kwargs.setdefault("num_classes", int(meta["num_classes"]))
+    if in_chans != int(meta.get("in_chans", 3)):
+        raise ValueError(f"{file} was trained with in_chans={meta.get('in_chans', 3)}, got in_chans={in_chans}")
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     from timm.models import build_model_with_cfg
+
+    if pretrained:
+        _from_run_weights(variant, kwargs)
 
     return build_model_with_cfg(partial(_build, variant), variant, pretrained,
                                 feature_cfg={"feature_cls": "hook", "no_rewrite": True}, **kwargs)

@@ -24,11 +24,14 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: ``{"params": decayed, "weight_decay": wd}`` and ``{"params": rest, "weight_decay": 0}``."""
+    """Two groups: ``{"params": decayed, "weight_decay": wd}`` and ``{"params": rest, "weight_decay": 0}``. Besides
+    ``no_weight_decay``'s rule, the names a model lists in its own ``no_weight_decay()`` (timm's hook) go undecayed."""
+    hook = getattr(model, "no_weight_decay", None)
+    listed = set(hook()) if callable(hook) else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
+            (no_decay if name in listed or no_weight_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
