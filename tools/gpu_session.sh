@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The one prepared device call for a session that has a GPU (about 8 minutes on an H100 / H200, start-up not
-# counted): correctness of every kernel and of the attention stem's op on the device, a sweep of candidate
-# (tile, warps, heads per program) configurations of the stage-1 / stage-2 kernels, an Nsight Compute profile of
-# the stage-1 forward when ncu is installed, then the stem, model and layer benchmarks with the conv baseline
+# counted): `pytest -m gpu` (correctness of every kernel and of the attention stem's op on the device; needs pytest
+# in the machine's Python), a sweep of candidate (tile, warps, heads per program) configurations of the stage-1 /
+# stage-2 kernels, an Nsight Compute profile of the stage-1 forward when ncu is installed, then the stem, model and layer benchmarks with the conv baseline
 # measured in the same run (incl. recompute_qkv and checkpoint_stem rows). Each step has its own time limit, writes
 # its log and JSON under OUT, and a failing step does not stop the next.
 #
 #   bash tools/gpu_session.sh "$OUT"        # from the repository root
 #
-# Afterwards: copy the JSON records into benchmarks/, set TILES in sasa/backends/triton_kernels.py from
-# OUT/sweep{1,2}/tile_sweep.json, and record the figures with the device name in BENCHMARKS.md.
+# Afterwards: copy the JSON records into benchmarks/ under the names of benchmarks/README.md, set TILES in
+# sasa/backends/triton_kernels.py from OUT/sweep{1,2}/tile_sweep.json, point the BENCHMARKS.md blocks at the new
+# records and run `python tools/bench_report.py`.
 set -u
 OUT=${1:?usage: bash tools/gpu_session.sh OUT}
 mkdir -p "$OUT"
@@ -18,7 +19,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/nvid
 (command -v ncu nsys || echo "no ncu / nsys on PATH") >"$OUT/profilers.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
 
-timeout 140 python tools/gpu_check.py --out "$OUT" --skip-timing 2>&1 | tee "$OUT/gpu_check.log"
+# the GPU correctness tests (tests/test_gpu.py and the other gpu-marked tests), with a JUnit report
+timeout 200 python -m pytest -q -p no:cacheprovider -m gpu --junitxml "$OUT/pytest_gpu.xml" 2>&1 \
+    | tee "$OUT/pytest_gpu.log"
 # candidates (TH x TW x warps x HB) from tools/kernel_resources.py (no spills, >= 16 resident warps per SM), plus
 # the heads-per-program steps of the measured 8x8 / 8-warp configuration; the current TILES are the baseline row
 mkdir -p "$OUT/sweep1" "$OUT/sweep2"
