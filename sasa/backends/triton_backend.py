@@ -194,8 +194,10 @@ def _window_check(kernels, q, k, v, rel_rows, rel_cols, kernel_size: int, mask: 
     The input has one image, one tile plus one row and column of pixels (a second, partial tile each way, and
     borders; the call's own size if smaller), and as many heads as the largest heads per program. Its tensors are
     contiguous, so every offset is a multiple of the call's ``VEC`` as the kernels promise: a call's ``VEC``
-    divides head_dim, the contiguous outputs' pixel or head stride. Triton's specialisation of integer arguments
-    (equal to 1, divisible by 16) follows the small input's sizes and strides, not the call's. The reference runs on
+    divides head_dim, the contiguous outputs' pixel or head stride. Not reproduced: Triton's own specialisation of
+    integer arguments (equal to 1, divisible by 16) and pointer alignment, which follow the small input's sizes,
+    strides and offsets; where they differ from the call's, the check compiles a variant of its own (once per
+    machine: Triton caches compiled kernels on disk), whose code differs only in those hints. The reference runs on
     CPU: its autograd never waits for a device's backward thread (which may be the one waiting for this check)."""
     with _on_device(q):
         return _window_check_on_device(kernels, q, k, v, rel_rows, rel_cols, kernel_size, mask, config)
@@ -346,7 +348,8 @@ def _stem_verified(x, g, pm, wv, block: int, out_dtype: torch.dtype) -> bool:
 def _stem_check(x, g, pm, wv, block: int, out_dtype: torch.dtype) -> str | None:
     """The self-check of one stem configuration: both kernels on one 3x3-block image (two forward programs, the
     second partial; three backward ones) of the call's dtypes, channels and memory format, against ``reference``
-    in float32 on CPU. The kernels' compile-time constants follow from these (``triton_stem_kernels._config``)."""
+    in float32 on CPU. The kernels' compile-time constants follow from these (``triton_stem_kernels._config``); as
+    for the window op, Triton's specialisation of integer arguments follows the small input."""
     with _on_device(x):
         return _stem_check_on_device(x, g, pm, wv, block, out_dtype)
 
