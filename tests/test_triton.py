@@ -179,6 +179,23 @@ def test_heads_per_program_choice(interpret):
     assert kernels.tile_config(2, 2, 8, "fwd", heads=8) == (2, 2, 1, 1)  # small maps: tile and warps shrink
 
 
+@pytest.mark.slow
+def test_launch_config_follows_overrides(interpret, monkeypatch):
+    """``launch_config`` is memoised per layout, but follows ``TILE_OVERRIDE`` / ``HEADS_OVERRIDE`` and a replaced
+    ``tile_config`` (the tuning tools swap it), and a layout's vector width."""
+    kernels = interpret.kernels_for(torch.device("cpu"))
+    q = torch.zeros(1, 16, 16, 4, 8)
+    assert kernels.launch_config(q, q, q)["fwd"] == (8, 8, 8, 1)
+    monkeypatch.setattr(kernels, "TILE_OVERRIDE", (4, 4))
+    monkeypatch.setattr(kernels, "HEADS_OVERRIDE", 2)
+    assert kernels.launch_config(q, q, q)["fwd"][::3] == (4, 2)
+    monkeypatch.setattr(kernels, "tile_config", lambda H, W, bd, kind, heads=1: (2, 2, 1, 1))
+    assert kernels.launch_config(q, q, q)["bwd_kv"] == (2, 2, 1, 1)
+    assert kernels.launch_config(q, q, q)["vec"] == 4  # fp32, head_dim 8: 16 bytes
+    qkv = torch.zeros(1, 16, 16, 3, 4, 5)[..., :3].unbind(3)  # pixel stride 60, head stride 5: scalar loads
+    assert kernels.launch_config(*qkv)["vec"] == 1
+
+
 def test_partial_requires_grad_and_determinism(interpret):
     """Only some inputs need gradients (the kernels skip the rest); two backward passes agree bit for bit."""
     q, k, v, rows, cols, _ = _inputs(1, 5, 5, 2, 8, 3, per_head=True)
@@ -192,6 +209,7 @@ def test_partial_requires_grad_and_determinism(interpret):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.slow
 def test_layer_recompute_qkv(interpret, stride):
     """``SelfAttention2d(recompute_qkv=True)``: the kernels' saved q / k / v are rebuilt from the recomputed
     projection in the backward; gradients are identical."""
@@ -206,6 +224,7 @@ def test_layer_recompute_qkv(interpret, stride):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_expanded_upstream_gradient(interpret):
     """``out.sum()`` hands the backward an all-stride-0 gradient; the kernels must not assume unit strides."""
     q, k, v, rows, cols, leaves = _inputs(1, 4, 3, 1, 8, 3, fused=True)
@@ -224,6 +243,7 @@ def test_empty_batch(interpret):
     assert all(g is None or not g.abs().any() for g in grads)
 
 
+@pytest.mark.slow
 def test_custom_op_opcheck(interpret):
     """Schema, fake (meta) kernel, autograd registration and AOT tracing of the custom ops, checked by torch."""
     q, k, v, rows, cols, _ = _inputs(1, 3, 4, 1, 8, 3)
@@ -243,6 +263,7 @@ def _assert_compiled_matches(compiled, eager, args, leaves):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.slow
 def test_compiles_without_graph_break(interpret):
     """``fullgraph=True`` fails on any graph break; aot_eager traces forward and backward through the custom ops."""
     q, k, v, rows, cols, leaves = _inputs(1, 3, 4, 1, 8, 3, fused=True)
@@ -276,6 +297,7 @@ def test_never_default_on_cpu(monkeypatch):
         assert sasa.available_backends("cuda")[0] == "triton"
 
 
+@pytest.mark.slow
 def test_kernels_load_lazily():
     """Importing sasa and listing backends must not decorate any Triton kernel (TRITON_INTERPRET is read then)."""
     code = (
@@ -299,6 +321,7 @@ def _resources(tmp_path, *args):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
     """The interpreter cannot catch what only the compiler rejects: compile every kernel for sm_90a (H100 / H200)
     offline, one and two heads per program, and check that ptxas reports registers and no spills."""
@@ -307,6 +330,7 @@ def test_kernels_compile_for_hopper(tmp_path):
     assert all(0 < r["registers"] <= 255 and r["spill_store_bytes"] == 0 for r in rows), rows
 
 
+@pytest.mark.slow
 def test_kernels_load_16_byte_vectors(tmp_path):
     """At head_dim 16 (ResNet-50 stage 2, bf16) the K / V / Q tiles and the placed relative-table rows must load
     as 16-byte vectors; a mask varying along the channels once turned every one of them into 2-byte loads, which
@@ -423,6 +447,7 @@ def test_stem_backend_choice(monkeypatch):
     assert sasa.available_backends("cuda", op="stem")[0] == "triton"
 
 
+@pytest.mark.slow
 def test_stem_kernels_compile_for_hopper(tmp_path):
     """The stem's kernels compile for sm_90a offline; registers reported, spills small."""
     rows = _resources(tmp_path, "--kinds", "stem_fwd,stem_bwd", "--warps", "4")

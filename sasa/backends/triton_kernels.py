@@ -40,6 +40,8 @@ offline). Not yet at the hardware limit: each offset re-reads its shifted K / V 
 staging, no tensor cores), see BENCHMARKS.md."""
 
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -371,22 +373,27 @@ def _needs_int64(*tensors) -> bool:
     return False
 
 
-class _Contiguous:
-    """Shape and strides of a contiguous tensor not yet allocated, for ``_vector_width`` and ``_needs_int64``."""
+class _Layout:
+    """Shape, strides and element size of a tensor (``strides`` None: contiguous), for ``_vector_width`` and
+    ``_needs_int64`` on the host without the tensor."""
 
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-        strides, step = [], 1
-        for size in reversed(self.shape):
-            strides.append(step)
-            step *= size
-        self._strides = tuple(reversed(strides))
+    def __init__(self, shape: tuple[int, ...], strides: tuple[int, ...] | None, element_size: int):
+        self.shape = shape
+        if strides is None:
+            strides, step = [], 1
+            for size in reversed(shape):
+                strides.insert(0, step)
+                step *= size
+        self._strides, self._element_size = tuple(strides), element_size
 
     def stride(self) -> tuple[int, ...]:
         return self._strides
 
     def dim(self) -> int:
         return len(self.shape)
+
+    def element_size(self) -> int:
+        return self._element_size
 
 
 def _vector_width(block_d: int, *tensors) -> int:
@@ -429,14 +436,24 @@ def launch_config(q, k, v) -> dict:
     "vec": VEC, "int64": INT64}``. With the dtypes, head_dim, kernel size, padding and which of k and the tables
     are present, they fix every compile-time constant of the three kernels (``sasa.backends.selfcheck`` keys its
     verdicts on them); forward and backward of one call share them (``backward`` copies an upstream gradient that
-    does not fit them)."""
-    B, H, W, heads, d = q.shape
+    does not fit them). Memoised per layout (shape, strides, element size), overrides and ``tile_config`` (which the
+    tuning tools replace); do not modify the result."""
+    return _launch_config(tuple(q.shape), q.stride(), None if k is None else k.stride(), v.stride(), q.element_size(),
+                          TILE_OVERRIDE, HEADS_OVERRIDE, tile_config)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_config(shape, q_strides, k_strides, v_strides, element_size: int, _tile_override, _heads_override,
+                   tiles):
+    B, H, W, heads, d = shape
     bd = _next_pow2(d)
-    out = _Contiguous(q.shape)  # the outputs' (out, dq, dk, dv) layout
-    kt = k if k is not None else q
-    config = {kind: tile_config(H, W, bd, kind, heads) for kind in ("fwd", "bwd_q", "bwd_kv")}
+    q = _Layout(shape, q_strides, element_size)
+    k = _Layout(shape, k_strides, element_size) if k_strides is not None else None
+    v = _Layout(shape, v_strides, element_size)
+    out = _Layout(shape, None, element_size)  # the outputs' (out, dq, dk, dv) layout: contiguous
+    config = {kind: tiles(H, W, bd, kind, heads) for kind in ("fwd", "bwd_q", "bwd_kv")}
     config["vec"] = _vector_width(bd, q, k, v, out)
-    config["int64"] = _needs_int64(q, kt, v, out)
+    config["int64"] = _needs_int64(q, k if k is not None else q, v, out)
     return config
 
 
