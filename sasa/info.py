@@ -35,6 +35,8 @@ def model_table(names: list[str] | None = None, *, paper: bool = False, num_clas
             p_params, p_gflops = info["paper_params_m"], info["paper_gflops"]
             lines.append(f"{name:<26} {params:>10.2f} {p_params:>6} {diff(params, p_params, 2):>6} {gflops:>7.2f} "
                          f"{p_gflops:>6} {diff(gflops, p_gflops, 2):>6} {info['paper_top1']:>11}")
+        elif paper:  # not a row of the paper's table
+            lines.append(f"{name:<26} {params:>10.2f} {'-':>6} {'-':>6} {gflops:>7.2f} {'-':>6} {'-':>6} {'-':>11}")
         else:
             lines.append(f"{name:<26} {params:>10.2f} {gflops:>7.2f}")
     if paper:

@@ -82,6 +82,9 @@ def test_info_paper_prints_ours_paper_and_the_difference(capsys):
     assert rows["sasa_resnet38_convstem"] == ["14.17", "14.1", "+0.07", "5.73", "5.7", "+0.03", "77.1"]
     assert rows["resnet26"] == ["13.70", "13.7", "+0.00", "4.68", "4.7", "-0.02", "74.5"]
     assert "Table 1, as printed" in lines[-1]
+    assert main(["info", "--paper", "test_resnet"]) == 0  # a model outside the paper's table: dashes, aligned
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.split()[0] == "test_resnet" and row.split()[2:4] == ["-", "-"] and len(row) == len(lines[0])
 
 
 @pytest.mark.slow
