@@ -17,8 +17,8 @@ recomputes it in the backward (``recompute.py``): less memory, one more 1x1 proj
 ``forward`` dispatches through ``sasa.local_attention_2d``'s backends in eager mode and under ``torch.compile``.
 While ``torch.jit.script`` compiles the layer, ``torch.jit.trace`` / the TorchScript ONNX exporter record it or
 ``torch.export`` (and the dynamo ONNX exporter) traces it, it runs ``forward_portable`` instead: the same maths in
-standard operators only (``window_attention_portable``: k*k shifted slices of the zero-padded keys and values, no
-custom autograd), which every exporter and runtime takes."""
+standard operators only (``window_attention_portable``: shifted slices of the zero-padded keys and values, one row
+of the window at a time, no custom autograd), which every exporter and runtime takes."""
 
 from __future__ import annotations
 
@@ -72,21 +72,26 @@ def window_attention_portable(q: torch.Tensor, k: Optional[torch.Tensor], v: tor
     B, heads, d, H, W = q.shape
     K = kernel_size
     r = K // 2
-    vp = F.pad(v, (r, r, r, r))  # (B, heads, d, H + 2r, W + 2r): zero keys / values outside the image
-    logits = []
+    # keys and values zero-padded together, (B, heads, 2d or d, H + 2r, W + 2r); one row band per row offset a
+    kv = F.pad(torch.cat((k, v), 2) if k is not None else v, (r, r, r, r))
+    rows = []  # per row offset a: the K column-shifted windows, (B, heads, K, 2d or d, H, W)
+    for a in range(K):
+        band = kv[:, :, :, a:a + H]
+        cols = []
+        for b in range(K):
+            cols.append(band[:, :, :, :, b:b + W])
+        rows.append(torch.stack(cols, 2))
     if k is not None:
-        kp = F.pad(k, (r, r, r, r))
-        for a in range(K):
-            for b in range(K):
-                logits.append((q * kp[:, :, :, a:a + H, b:b + W]).sum(2))  # (B, heads, H, W) per offset
-        out = torch.stack(logits, 2)  # (B, heads, K*K, H, W), offset (a, b) at a*K + b
+        logits = torch.cat([(q.unsqueeze(2) * w[:, :, :, :d]).sum(3) for w in rows], 2)  # (B, heads, K*K, H, W)
     else:
-        out = q.new_zeros(B, heads, K * K, H, W)
-    if rel_rows is not None:
-        out = out + _rel_logits(q[:, :, : d // 2], rel_rows).unsqueeze(3).expand(-1, -1, -1, K, -1, -1).flatten(2, 3)
+        logits = q.new_zeros(B, heads, K * K, H, W)
+    if rel_rows is not None:  # offset (a, b) sits at a*K + b
+        rel = _rel_logits(q[:, :, : d // 2], rel_rows)
+        logits = logits + rel.unsqueeze(3).expand(-1, -1, -1, K, -1, -1).flatten(2, 3)
     if rel_cols is not None:
-        out = out + _rel_logits(q[:, :, d // 2 :], rel_cols).unsqueeze(2).expand(-1, -1, K, -1, -1, -1).flatten(2, 3)
-    out = out * scale
+        rel = _rel_logits(q[:, :, d // 2 :], rel_cols)
+        logits = logits + rel.unsqueeze(2).expand(-1, -1, K, -1, -1, -1).flatten(2, 3)
+    logits = logits * scale
     if mask:
         ones = F.pad(q.new_ones(1, 1, H, W), (r, r, r, r))
         windows = []
@@ -94,14 +99,12 @@ def window_attention_portable(q: torch.Tensor, k: Optional[torch.Tensor], v: tor
             for b in range(K):
                 windows.append(ones[:, 0, a:a + H, b:b + W])
         inside = torch.stack(windows, 1)  # (1, K*K, H, W): 1 where the offset lands inside the image
-        out = out.masked_fill(inside.unsqueeze(1) == 0, float("-inf"))
-    probs = torch.softmax(out, dim=2)  # (B, heads, K*K, H, W)
-    result = torch.zeros_like(q)
-    for a in range(K):
-        for b in range(K):
-            o = a * K + b
-            result = result + probs[:, :, o:o + 1] * vp[:, :, :, a:a + H, b:b + W]
-    return result
+        logits = logits.masked_fill(inside.unsqueeze(1) == 0, float("-inf"))
+    probs = torch.softmax(logits, dim=2).unflatten(2, (K, K))  # (B, heads, K, K, H, W)
+    out = (probs[:, :, 0].unsqueeze(3) * rows[0][:, :, :, -d:]).sum(2)
+    for a in range(1, K):
+        out = out + (probs[:, :, a].unsqueeze(3) * rows[a][:, :, :, -d:]).sum(2)
+    return out  # (B, heads, d, H, W)
 
 
 class SelfAttention2d(nn.Module):
