@@ -48,8 +48,8 @@ class ExportResult:
 
     def summary(self) -> str:
         verdict = "ok" if self.ok else "MISMATCH"
-        return (f"{verdict}: {self.path} ({self.format}, {self.model}, input {self.input_shape}); max |exported - "
-                f"eager| = {self.max_abs_diff:.3g} on random batches of {list(self.batch_sizes)} "
+        return (f"{verdict}: {self.path} ({self.format}, {self.model}, input {self.input_shape})\n"
+                f"max |exported - eager| = {self.max_abs_diff:.3g} on random batches of {list(self.batch_sizes)} "
                 f"(tolerance {self.atol:g})")
 
 
