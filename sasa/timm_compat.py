@@ -36,7 +36,8 @@ _registered = False
 def _cfg(name: str) -> dict:
     """timm pretrained_cfg: input, normalisation and head for ``name`` (no weights: ``url`` is empty)."""
     info = MODEL_INFO[name]
-    notes = f"paper: {info['paper_params_m']}M params, {info['paper_gflops']} GFLOPs, {info['paper_top1']}% top-1"
+    notes = (f"paper (Table 1, as printed): {info['paper_params_m']}M params, {info['paper_gflops']} GFLOPs, "
+             f"{info['paper_top1']}% top-1")
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
             "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
             "first_conv": "conv1" if info["config"]["stem"] == "conv" else ("conv1.query", "conv1.key"),
@@ -155,7 +156,7 @@ def sasa_resnet50(pretrained: bool = False, **kwargs) -> nn.Module:
 
 
 def sasa_resnet50_convstem(pretrained: bool = False, **kwargs) -> nn.Module:
-    """SASA-ResNet-50 with the 7x7 convolution stem (the paper's 18.02M-parameter model)."""
+    """SASA-ResNet-50 with the 7x7 convolution stem (18.02M parameters; the paper's Table 1 prints 18.0M)."""
     return _create("sasa_resnet50_convstem", pretrained, **kwargs)
 
 
