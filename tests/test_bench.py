@@ -25,6 +25,7 @@ def _stats_ok(stats):
     assert stats["min"] <= stats["median"] <= stats["max"]
 
 
+@pytest.mark.slow
 def test_bench_small_record(tmp_path, one_thread, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--small", "--device", "cpu", "--profile", "3", "--out", str(out)]) == 0
@@ -74,6 +75,7 @@ def test_bench_small_record(tmp_path, one_thread, capsys):
     assert models[1]["backend"].endswith("(SASA_BACKEND)" if os.environ.get("SASA_BACKEND") else "(auto)")
 
 
+@pytest.mark.slow
 def test_bench_model_arguments(tmp_path, one_thread):
     from sasa.bench.model import parse_model
 

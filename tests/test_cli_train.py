@@ -70,6 +70,7 @@ def _start_and_wait_for_checkpoint(run: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_run_directory_contents(reference_run):
     run = reference_run
     for name in ("config.yaml", "env.json", "metrics.jsonl", "last.pt", "best.pt", "model.safetensors",
@@ -125,6 +126,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes(reference_run, tmp_path):
     _assert_same_weights(reference_run, run)
 
 
+@pytest.mark.slow
 def test_eval_run_dir_table_and_json(reference_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", str(reference_run), "--output", str(out), "--quiet"]) == 0
@@ -148,6 +150,7 @@ def _tree(root: Path, corrupt: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_and_bounded(tmp_path, capsys):
     tree = _tree(tmp_path / "tree", corrupt=1)
     args = ["train", "--model", "test_resnet", "--dataset", "imagefolder", "--data-dir", str(tree), "--image-size",
@@ -161,6 +164,7 @@ def test_unreadable_images_are_skipped_counted_and_bounded(tmp_path, capsys):
     assert "unreadable training samples" in out and "broken0.jpg" in out and "max_bad_fraction=0.0" in out
 
 
+@pytest.mark.slow
 def test_eval_mismatched_model_or_classes(reference_run, tmp_path, capsys):
     assert main(["eval", str(reference_run / "model.safetensors"), "--model", "resnet26"]) == 2
     assert "written for model 'test_resnet'" in capsys.readouterr().err
@@ -169,6 +173,7 @@ def test_eval_mismatched_model_or_classes(reference_run, tmp_path, capsys):
     assert "num_classes=10" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_with_other_model_fails_naming_it(reference_run, tmp_path, capsys):
     import shutil
 
@@ -227,6 +232,7 @@ def _copy(run: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_changes_nothing(reference_run, tmp_path, capsys):
     run = _copy(reference_run, tmp_path / "done")
     before = _snapshot(run)
@@ -236,6 +242,7 @@ def test_resume_of_a_finished_run_changes_nothing(reference_run, tmp_path, capsy
     assert _snapshot(run) == before  # not a byte, not a timestamp
 
 
+@pytest.mark.slow
 def test_resume_a_finished_run_to_more_epochs(reference_run, tmp_path):
     run = _copy(reference_run, tmp_path / "more")
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
@@ -246,6 +253,7 @@ def test_resume_a_finished_run_to_more_epochs(reference_run, tmp_path):
     assert [r["resumed_from"] for r in env["resumes"]] == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_resume_after_training_but_before_the_summary_finishes_it(reference_run, tmp_path):
     run = _copy(reference_run, tmp_path / "unfinished")
     (run / "summary.json").unlink()
@@ -284,6 +292,7 @@ def _readable(run: Path) -> None:
     pytest.param("model.safetensors", marks=pytest.mark.slow),
     pytest.param("model_ema.safetensors", marks=pytest.mark.slow), pytest.param("metrics.png", marks=pytest.mark.slow),
 ])
+@pytest.mark.slow
 def test_a_write_that_fails_leaves_the_run_directory_whole(reference_run, tmp_path, monkeypatch, target):
     """Break each file a run writes at its commit and check that the file is the previous one, that nothing half
     written or temporary is left, and that the run then resumes to the end."""
@@ -313,6 +322,7 @@ def test_a_write_that_fails_leaves_the_run_directory_whole(reference_run, tmp_pa
     _readable(run)
 
 
+@pytest.mark.slow
 def test_unreadable_last_checkpoint_names_the_usable_ones(reference_run, tmp_path, capsys):
     run = _copy(reference_run, tmp_path / "corrupt")
     (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])  # a checkpoint copied half-way

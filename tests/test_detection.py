@@ -134,6 +134,7 @@ def test_attention_heads_replace_every_spatial_conv():
         assert a == b
 
 
+@pytest.mark.slow
 def test_attention_detector_loss_falls():
     torch.manual_seed(0)
     model = tiny("attention/full-attention", min_size=64, max_size=64)
@@ -167,6 +168,7 @@ def test_resnet_order_for_intermediate_layer_getter():
             assert torch.allclose(ref.eval().forward_features(x), c5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_same_as_torchvision_retinanet_resnet50_fpn():
     import torchvision
 
@@ -181,6 +183,7 @@ def test_same_as_torchvision_retinanet_resnet50_fpn():
     assert all(torch.allclose(ya[k], yb[k], atol=1e-4) for k in ya)
 
 
+@pytest.mark.slow
 def test_paper_rows_params_and_flops():
     rows = {}
     for name, cfg in DETECTORS.items():
@@ -451,6 +454,7 @@ def test_bf16_autocast_keeps_anchors_and_losses_float32():
     assert out[0]["boxes"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_stop_resume_and_checkpoint_checks(shapes, tmp_path, monkeypatch, capsys):
     """A signal mid-epoch saves last.pt (exit 143); --resume continues at the same step through the shared path;
     a run whose config names another detector is refused, naming the difference."""
@@ -496,6 +500,7 @@ def _snapshot(run: Path) -> dict:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.iterdir())}
 
 
+@pytest.mark.slow
 def test_finished_run_resume_changes_nothing_and_unreadable_checkpoint_names_the_usable_ones(shapes, tmp_path,
                                                                                                capsys):
     """The shared run-directory path: a finished detection run is left alone (exit 0); a corrupt last.pt fails
@@ -552,6 +557,7 @@ def test_config_and_cli_errors(tmp_path, capsys):
     assert "none.pt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_info_detection_table():
     from sasa.detection import detector_table
 

@@ -64,6 +64,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
     """A writer saving in a loop is SIGKILLed at arbitrary moments; the file on disk always loads."""
     script = textwrap.dedent(f"""
@@ -367,6 +368,7 @@ _FREED_MEMORY_PROBE = textwrap.dedent("""
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("setting", ["", "default"])
+@pytest.mark.slow
 def test_cpu_processes_keep_freed_memory(setting):
     env = {**os.environ, "SASA_CPU_MALLOC": setting}
     out = subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE], env=env, capture_output=True, text=True,

@@ -46,6 +46,7 @@ def train_step(model: nn.Module, size: int = 32) -> torch.Tensor:
 # ---------------------------------------------------------------- converter
 
 
+@pytest.mark.slow
 def test_convert_torchvision_resnet50_is_the_papers_convstem_model():
     model = torchvision.models.resnet50()
     convs = spatial_convs(model)
@@ -195,6 +196,7 @@ def test_show_attention_cli_random_init(tmp_path, capsys):
         assert png.format == "PNG" and png.width > 400 and png.height > 200  # two rows of panels
 
 
+@pytest.mark.slow
 def test_show_attention_cli_reads_run_config_and_weights(tmp_path, capsys):
     from sasa.io.checkpoint import save_checkpoint, save_safetensors
 
@@ -299,6 +301,7 @@ def test_convert_timm_resnet():
     assert train_step(model).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_import_sasa_defers_timm_and_the_train_launcher_registers(tmp_path):
     pytest.importorskip("timm")
     script = tmp_path / "train.py"

@@ -94,6 +94,7 @@ def test_full_attention_params_are_convstem_minus_conv_plus_stem():
         assert params(f"sasa_resnet{depth}") == params(f"sasa_resnet{depth}_convstem") - 3 * 64 * 49 + stem
 
 
+@pytest.mark.slow
 def test_ablation_params_by_hand():
     """Each ablation's parameter change, recomputed from the architecture (sasa_resnet26_convstem)."""
     base = params("sasa_resnet26_convstem")
@@ -169,6 +170,7 @@ def test_norm_layer_and_zero_init():
     assert torch.count_nonzero(model.layer1[0].bn3.weight) == 0
 
 
+@pytest.mark.slow
 def test_train_step_memory_is_small():
     """A SASA-ResNet-26 train step at 64x64 (batch 8) on CPU: peak RSS growth over the step, in a fresh process."""
     code = (
@@ -258,6 +260,7 @@ def test_model_compiles_as_one_graph():
         torch.testing.assert_close(b_compiled, b, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.slow
 def test_saved_bytes_tool(tmp_path):
     """``tools/saved_bytes.py`` (behind BENCHMARKS' memory figures): stem part and stages per model; with
     ``checkpoint_stem`` the stem part is the image alone."""

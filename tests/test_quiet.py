@@ -30,6 +30,7 @@ def _env(**changes: str | None) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_counting_and_listing_never_compile(tmp_path, monkeypatch, capsys):
     """``sasa info`` and ``sasa show-attention --list-layers`` on the default CPU backend (conftest's SASA_BACKEND
     unset) never reach the inductor backend's compiled loops, whatever the models (sasa_resnet26: attention stem)."""
@@ -54,6 +55,7 @@ def test_counting_and_listing_never_compile(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.skipif(torch.version.cuda is None or torch.cuda.is_available(),
                     reason="only a CUDA build of torch on a machine without a GPU logs the notice")
+@pytest.mark.slow
 def test_cli_drops_the_cuda_home_notice(tmp_path):
     """A CUDA build of torch on a machine without a GPU logs "No CUDA runtime is found, using CUDA_HOME=..." when
     torch.compile loads its C++-extension helper; the command line drops it (and nothing else)."""

@@ -179,7 +179,6 @@ def test_heads_per_program_choice(interpret):
     assert kernels.tile_config(2, 2, 8, "fwd", heads=8) == (2, 2, 1, 1)  # small maps: tile and warps shrink
 
 
-@pytest.mark.slow
 def test_launch_config_follows_overrides(interpret, monkeypatch):
     """``launch_config`` is memoised per layout, but follows ``TILE_OVERRIDE`` / ``HEADS_OVERRIDE`` and a replaced
     ``tile_config`` (the tuning tools swap it), and a layout's vector width."""
