@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data train test test-triton36 lint bench clean
+.PHONY: setup data train test test-quick test-gpu test-triton36 lint bench clean
 
 # PyPI's torch is the CUDA build (about 5.7 GB with its CUDA libraries); README "Install" gives the alternatives.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
@@ -32,8 +32,18 @@ data:
 train: setup data
 	$(BIN)/sasa train
 
+# The whole suite on 2 pytest-xdist workers (one torch thread each, tests/conftest.py); TEST_WORKERS=0 runs it in
+# one process. test-quick: the tier without the `slow` tests, in one process (about a minute on 2 cores).
+# test-gpu: the CUDA correctness tests (tests/test_gpu.py and every other `gpu` test); skipped without CUDA.
+TEST_WORKERS ?= 2
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
+
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
 
 # The Triton tests (interpreter, and the offline sm_90a compile) again under the GPU machines' Triton 3.6, which
 # the CUDA build of torch 2.14 (Triton 3.8) does not cover; a CPU-only torch 2.13 keeps that environment small.
