@@ -254,7 +254,9 @@ def test_model_compiles_as_one_graph():
     _train_step(torch.compile(model, fullgraph=True), x)
     grads_compiled = {n: p.grad for n, p in model.named_parameters()}
     for name, g in grads.items():
-        torch.testing.assert_close(grads_compiled[name], g, rtol=1e-3, atol=1e-3 * g.abs().max().item(),
+        # floor 1e-6: without a ReLU after the attention stem, the next BatchNorms cancel bn1's bias exactly, so its
+        # gradient is rounding noise (~1e-8) in both runs
+        torch.testing.assert_close(grads_compiled[name], g, rtol=1e-3, atol=max(1e-3 * g.abs().max().item(), 1e-6),
                                    msg=lambda m, n=name: f"{n}: {m}")
     for (name, b), b_compiled in zip(eager.named_buffers(), model.buffers()):
         torch.testing.assert_close(b_compiled, b, msg=lambda m, n=name: f"{n}: {m}")
