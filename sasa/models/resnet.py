@@ -138,7 +138,7 @@ class ResNet(nn.Module):
             runs the children itself.
         stem_values: values of the attention stem, ``"spatial"``, ``"plain"`` or ``"conv"``.
         stem_mixtures: m, the number of value matrices of the spatially-aware stem.
-        stem_backend: ``AttentionStem``'s ``backend`` ("torch" / "triton"; None: Triton on CUDA).
+        stem_backend: ``AttentionStem``'s ``backend`` (a stem backend name; None: the registry's choice).
         stem_relu: a ReLU between the stem's BN and its pool. None (default): the paper's choice, ReLU after the
             conv stems (ResNet's) and none after the attention stem (SPEC section 2: attention, BN, max pool).
             The ReLU has no parameters, so weights load either way.
