@@ -55,8 +55,10 @@ BF16_CASES = [
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32():
-    """The fp32 reference must be fp32: no TF32 in its matmuls."""
+def _exact_fp32(monkeypatch):
+    """The fp32 reference must be fp32: no TF32 in its matmuls. A kernel configuration that fails its first-use
+    self-check raises (``SASA_KERNEL_CHECK=error``) instead of quietly running ``shifted`` under test."""
+    monkeypatch.setenv("SASA_KERNEL_CHECK", "error")
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield

@@ -31,7 +31,7 @@ gradient; a configuration that fails warns once and runs ``shifted`` (``SASA_KER
 and falls back inside its custom ops, so compiled graphs are covered at their first run; the stem, which runs only
 outside torch.compile, in ``stem_triton``.
 
-Tested against ``reference`` in the interpreter; GPU speed measured by ``tools/gpu_check.py``."""
+Tested against ``reference`` in the interpreter and on a GPU (``pytest -m gpu``, ``tests/test_gpu.py``)."""
 
 import contextlib
 import importlib.util

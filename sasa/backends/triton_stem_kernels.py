@@ -16,13 +16,11 @@ NCHW: nothing of size ``heads x L`` per pixel reaches memory. Needs ``C * M <= 1
   mixtures through 0/1 matrices (a dot).
 
 Precision: softmax and accumulation in fp32; the dots' inputs in IEEE fp32 when the result is fp32, TF32 when it is
-bf16 / fp16 (autocast). An earlier version with explicit loops instead of dots laid the 16 keys across 16 lanes
-(shuffle trees everywhere): 3.6x (forward) and 4.5x (backward) more instructions per pixel offline.
+bf16 / fp16 (autocast).
 
 Plain Triton, loaded lazily by ``triton_backend`` (compiled for CUDA tensors, interpreted for CPU tensors in the
-tests). Correct against the textbook stem in the interpreter (tests); compiled offline for sm_90a; not yet
-run on a GPU (``tools/gpu_check.py`` checks it there; each configuration also checks itself at its first use,
-``selfcheck.py``)."""
+tests). Tested against the textbook stem in the interpreter and, with ``pytest -m gpu`` (``tests/test_gpu.py``),
+on a GPU; each configuration also checks itself at its first use (``selfcheck.py``)."""
 
 import torch
 import triton
