@@ -335,6 +335,7 @@ def test_kernels_load_16_byte_vectors(tmp_path):
     as 16-byte vectors; a mask varying along the channels once turned every one of them into 2-byte loads, which
     only the SASS shows."""
     rows = _resources(tmp_path, "--stages", "2", "--heads", "1", "--warps", "2", "--kinds", "fwd,bwd_kv")
+    assert len(rows) == 2, rows  # one forward and one K/V-backward kernel: an empty list must not pass
     for r in rows:
         loads = r["global_loads_by_bits"]
         assert loads["128"] >= 4 and loads["16"] == 0, r
