@@ -22,12 +22,11 @@ import torch
 from torch import nn
 
 from . import backends
-from .io.checkpoint import load_state_dict_checked, read_weights
+from .io.checkpoint import load_state_dict_checked, read_weights, weights_file
 from .models import MODEL_INFO, create_model, list_models
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 ONNX_EXPORTERS = ("torchscript", "dynamo")
-WEIGHT_FILES = ("model.safetensors", "last.pt")
 
 
 @dataclass
@@ -53,15 +52,6 @@ class ExportResult:
                 f"(tolerance {self.atol:g})")
 
 
-def _weights_path(source: Path) -> Path:
-    if source.is_dir():
-        for name in WEIGHT_FILES:
-            if (source / name).is_file():
-                return source / name
-        raise FileNotFoundError(f"{str(source)!r} holds none of {list(WEIGHT_FILES)}")
-    return source
-
-
 def load_model(source: str | os.PathLike, *, num_classes: int | None = None, model_args: dict | None = None,
                image_size: int | None = None) -> tuple[nn.Module, str, tuple[int, int, int]]:
     """``(model in eval mode, model name, (C, H, W) input)`` for a run directory, a weights file or a model name.
@@ -74,7 +64,7 @@ def load_model(source: str | os.PathLike, *, num_classes: int | None = None, mod
     """
     path = Path(source)
     if path.exists():
-        weights = _weights_path(path)
+        weights = weights_file(path)
         state, meta = read_weights(weights)
         if not meta.get("model"):
             raise ValueError(f"{str(weights)!r} carries no model name in its metadata; it was not written by sasa")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
-import json
 import sys
 import warnings
 from functools import partial
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .io.checkpoint import decode_meta
 from .layers.stem import AttentionStem
 from .models import MODEL_INFO, create_model
 
@@ -83,14 +83,7 @@ def _sasa_meta(path: str) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        raw = f.metadata() or {}
-    meta = {}
-    for key, value in raw.items():
-        try:
-            meta[key] = json.loads(value)
-        except json.JSONDecodeError:
-            meta[key] = value
-    return meta
+        return decode_meta(f.metadata() or {})
 
 
 def _from_run_weights(variant: str, kwargs: dict) -> None:

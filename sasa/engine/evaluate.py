@@ -16,23 +16,12 @@ from ..io.checkpoint import (
     load_checkpoint,
     load_safetensors,
     load_state_dict_checked,
+    weights_file,
 )
 from ..process import configure_process
 from .classify import evaluate
 from .config import ConfigError
 from .distributed import cleanup, init_distributed
-from .rundir import LAST
-
-
-def _weights_file(path: Path, ema: bool) -> Path:
-    if path.is_dir():
-        for name in (("model_ema.safetensors",) if ema else ()) + ("model.safetensors", LAST):
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{str(path)!r} holds no model.safetensors or {LAST}")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights {str(path)!r} do not exist")
-    return path
 
 
 def evaluate_weights(path: str | os.PathLike, *, dataset: str | None = None, data_dir: str | None = None,
@@ -48,7 +37,7 @@ def evaluate_weights(path: str | os.PathLike, *, dataset: str | None = None, dat
     from ..models import create_model
 
     path = Path(path)
-    weights = _weights_file(path, ema)
+    weights = weights_file(path, ema=ema)
     run_cfg: dict = {}
     for candidate in (path / "config.yaml", weights.parent / "config.yaml"):
         if candidate.is_file():

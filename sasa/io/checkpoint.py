@@ -114,13 +114,34 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"weights file {str(path)!r} is not a readable safetensors file: {err}") from err
+    return state, decode_meta(raw)
+
+
+def decode_meta(raw: dict[str, str]) -> dict:
+    """A safetensors header's string metadata as ``save_safetensors`` wrote it: JSON values decoded, other strings
+    kept."""
     meta = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    return state, meta
+    return meta
+
+
+def weights_file(path: str | os.PathLike, *, ema: bool = False) -> Path:
+    """The weights file ``path`` names: a file itself, or in a run directory ``model_ema.safetensors`` (with
+    ``ema``), else ``model.safetensors``, else ``last.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        names = (("model_ema.safetensors",) if ema else ()) + ("model.safetensors", "last.pt")
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{str(path)!r} holds none of {list(names)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights {str(path)!r} do not exist")
+    return path
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict, dict]:
