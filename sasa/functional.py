@@ -33,6 +33,9 @@ from . import backends as _backends
 
 PADDING_MODES = ("zeros", "mask")
 
+# the op in standard operators (scripting and export); arguments channels-first, already checked
+window_attention_portable = _backends.window_attention_portable
+
 
 def available_backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                        op: str = "window") -> list[str]:

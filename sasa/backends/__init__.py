@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import settings
+from .portable import window_attention_portable  # noqa: F401  (public through sasa.functional)
 
 OPS = ("window", "stem")
 BACKEND_NAMES = ("reference", "shifted", "inductor", "triton")
